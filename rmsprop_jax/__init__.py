@@ -1,0 +1,24 @@
+"""rmsprop_jax: RMSprop and its variants as composable Optax transformations."""
+
+import importlib.metadata
+
+from rmsprop_jax._alias import RmspropState as RmspropState, rmsprop as rmsprop
+from rmsprop_jax._transform import ScaleByRmsState as ScaleByRmsState, scale_by_rms as scale_by_rms
+
+
+try:
+    __version__ = importlib.metadata.version("rmsprop_jax")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = (
+    "RmspropState",
+    "ScaleByRmsState",
+    "rmsprop",
+    "scale_by_rms",
+)
+
+#  ____________________________________________
+# / Modules whose names start with an          \
+# \ underscore are private: import from here.  /
+#  --------------------------------------------

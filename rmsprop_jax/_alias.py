@@ -1,0 +1,261 @@
+"""``rmsprop``: the complete optimizer, every convention an option."""
+
+from typing import Any, NamedTuple, cast
+
+import jax
+import jax.numpy as jnp
+import jax.typing
+import numpy as np
+import optax
+
+from rmsprop_jax import _dtypes, _kernel, _tree, _validation
+from rmsprop_jax._second_moment import ScalarCache, SecondMoment, new_count, zero_count
+
+
+class RmspropState(NamedTuple):
+    """State of :func:`rmsprop`.
+
+    Attributes:
+      count: number of updates applied so far (int32 scalar, saturating); schedules
+        of the learning rate and of the decay are evaluated at it.
+      nu: ``S``, the EMA of |g|^2; same tree and shapes as the parameters, real.
+      mu: the EMA of g when ``centered=True``, else ``optax.EmptyState()``.
+      trace: the momentum buffer when ``momentum`` is not None, else
+        ``optax.EmptyState()``.
+    """
+
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
+    nu: optax.Updates
+    mu: optax.Updates
+    trace: optax.Updates
+
+
+_NO_PARAMS = (
+    "rmsprop(weight_decay={wd}) needs the parameters: call update(grads, state, params). "
+    "(Under optax.inject_hyperparams weight_decay is a traced value, so params are needed "
+    "unless weight_decay is listed in static_args.)"
+)
+
+
+def rmsprop(
+    learning_rate: optax.ScalarOrSchedule,
+    decay: jax.typing.ArrayLike | optax.Schedule = 0.9,
+    eps: jax.typing.ArrayLike = 1e-8,
+    *,
+    eps_in_sqrt: bool = False,
+    initial_scale: jax.typing.ArrayLike = 0.0,
+    centered: bool = False,
+    momentum: jax.typing.ArrayLike | None = None,
+    nesterov: bool = False,
+    lr_after_momentum: bool = False,
+    bias_correction: bool = False,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+    state_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""The RMSprop optimizer, with every framework's convention as an option.
+
+    Let :math:`\eta_t` be the ``learning_rate`` and :math:`\rho_t` the ``decay``
+    (constants or schedules of the step count :math:`t-1`), :math:`\mu` the
+    ``momentum``, :math:`\lambda` the ``weight_decay`` and :math:`\theta` the
+    parameters. One step, element-wise:
+
+    .. math::
+
+      \begin{align*}
+        g_t &\leftarrow -g_t && \text{(maximize)} \\
+        g_t &\leftarrow g_t + \lambda\,\theta_{t-1} && \text{(coupled weight decay)} \\
+        u_t &\leftarrow g_t / \mathrm{rms}_t && \text{(see } \texttt{scale\_by\_rms}) \\
+        \Delta_t &\leftarrow \eta_t u_t && \text{(no momentum)} \\
+        b_t &\leftarrow \mu b_{t-1} + \eta_t u_t,\ \Delta_t \leftarrow b_t
+            && \text{(lr before momentum)} \\
+        b_t &\leftarrow \mu b_{t-1} + u_t,\ \Delta_t \leftarrow \eta_t b_t
+            && \text{(lr\_after\_momentum)} \\
+        \Delta_t &\leftarrow \Delta_t + \eta_t \lambda\,\theta_{t-1}
+            && \text{(decoupled weight decay)} \\
+        \theta_t &\leftarrow \theta_{t-1} - \Delta_t
+      \end{align*}
+
+    where :math:`\mathrm{rms}_t = \sqrt{S_t} + \epsilon` by default and
+    :math:`S_t = \rho_t S_{t-1} + (1-\rho_t) g_t^2`, :math:`S_0 = 0`, as in the
+    deeplearning.ai course. With ``nesterov`` the step is
+    :math:`\eta_t u_t + \mu b_t` (lr before momentum) or
+    :math:`\eta_t (u_t + \mu b_t)` (lr after), as in ``optax.trace``. The returned
+    update is :math:`-\Delta_t`, for ``optax.apply_updates``.
+
+    The two momentum orderings are equal under a constant learning rate and differ
+    under a schedule: TF1, Keras and optax put :math:`\eta_t` inside the buffer
+    (the default here), PyTorch outside (``lr_after_momentum=True``).
+
+    Args:
+      learning_rate: :math:`\eta`, a finite number or a schedule.
+      decay: :math:`\rho`, in [0, 1], or a schedule.
+      eps: :math:`\epsilon \geq 0`.
+      eps_in_sqrt: use :math:`\sqrt{S_t + \epsilon}` instead of
+        :math:`\sqrt{S_t} + \epsilon`.
+      initial_scale: :math:`S_0 \geq 0` (TF1: 1.0).
+      centered: normalize by :math:`\sqrt{\max(S_t - m_t^2, 0)}`, with :math:`m_t`
+        the EMA of the gradient.
+      momentum: :math:`\mu \in [0, 1)`, or None for no momentum buffer.
+      nesterov: Nesterov momentum (needs ``momentum``).
+      lr_after_momentum: accumulate the unscaled step in the buffer and apply
+        :math:`\eta_t` after it (PyTorch).
+      bias_correction: divide :math:`S` (and :math:`m`) by :math:`1 - \rho^t`.
+      weight_decay: :math:`\lambda \geq 0`. Needs ``params`` in ``update``.
+      decoupled_weight_decay: subtract :math:`\eta_t\lambda\theta` from the
+        parameters (Keras, AdamW) instead of adding :math:`\lambda\theta` to the
+        gradient (PyTorch's L2).
+      maximize: ascend the objective instead of descending it.
+      state_dtype: dtype of ``S``, ``m`` and the momentum buffer. ``None``: float32
+        for 16-bit parameters, the parameter's precision otherwise.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`RmspropState`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax, rmsprop_jax
+      >>> opt = rmsprop_jax.rmsprop(learning_rate=0.1)
+      >>> params = jnp.array([1.0, -2.0, 3.0])
+      >>> state = opt.init(params)
+      >>> for _ in range(5):
+      ...     grads = jax.grad(lambda p: jnp.sum(p**2))(params)
+      ...     updates, state = opt.update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> print(f"{jnp.sum(params**2):.2E}")
+      5.17E+00
+
+    .. warning::
+      Frameworks disagree on RMSprop: PyTorch uses decay 0.99 and eps outside the
+      square root; TF1 starts :math:`S` at 1 with eps inside; optax puts eps inside
+      by default. ``rmsprop_jax.presets`` reproduces each of them.
+
+    References:
+      Tieleman and Hinton, `Lecture 6.5 - rmsprop
+      <https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf>`_,
+      2012.
+
+      Graves, `Generating Sequences With Recurrent Neural Networks
+      <https://arxiv.org/abs/1308.0850>`_, 2013.
+    """
+    sm = SecondMoment.create(
+        decay=decay,
+        eps=eps,
+        eps_in_sqrt=eps_in_sqrt,
+        initial_scale=initial_scale,
+        centered=centered,
+        bias_correction=bias_correction,
+        state_dtype=state_dtype,
+    )
+    _validation.check_finite("learning_rate", learning_rate)
+    for name, flag in (
+        ("nesterov", nesterov),
+        ("lr_after_momentum", lr_after_momentum),
+        ("decoupled_weight_decay", decoupled_weight_decay),
+        ("maximize", maximize),
+    ):
+        if not isinstance(flag, bool | np.bool_):
+            raise TypeError(f"{name} must be a bool; got {flag!r}.")
+    if momentum is not None:
+        _validation.check_interval("momentum", momentum, 0.0, 1.0, high_open=True)
+    elif nesterov:
+        raise ValueError("nesterov=True needs momentum; got momentum=None. Pass momentum in [0, 1).")
+    _validation.check_interval("weight_decay", weight_decay, 0.0, float("inf"), high_open=True)
+
+    wd_known = _validation.concrete(weight_decay)
+    use_wd = wd_known is None or float(wd_known) != 0.0
+    use_momentum = momentum is not None
+
+    def init_fn(params: optax.Params) -> RmspropState:
+        nu, mu = sm.init(params)
+        trace = (
+            jax.tree.map(
+                lambda p: _tree.full_like(p, 0, _dtypes.state_dtypes(_tree.leaf_dtype(p), sm.state_dtype)[1]),
+                params,
+            )
+            if use_momentum
+            else optax.EmptyState()
+        )
+        return RmspropState(count=zero_count(), nu=nu, mu=mu, trace=trace)
+
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, RmspropState]:
+        del extra_args
+        state = cast(RmspropState, state)
+        treedef = jax.tree.structure(state.nu)
+        reference = "the optimizer state (built from params)"
+        _tree.flatten_like(updates, treedef, name="updates", reference_name=reference, reference=state.nu)
+        n = treedef.num_leaves
+        if use_wd:
+            if params is None:
+                raise ValueError(_NO_PARAMS.format(wd=_validation.describe(weight_decay)))
+            ps: list[Any] = _tree.flatten_like(
+                params, treedef, name="params", reference_name=reference, reference=state.nu
+            )
+        else:
+            ps = [None] * n
+        nus = jax.tree.leaves(state.nu)
+        mus = jax.tree.leaves(state.mu) if centered else [None] * n
+        bufs = jax.tree.leaves(state.trace) if use_momentum else [None] * n
+
+        count = new_count(state.count)
+
+        def make_scalars(ct: np.dtype) -> tuple[Any, ...]:
+            lr = _kernel.scalar(_kernel.evaluate(learning_rate, state.count), ct)
+            mom = _kernel.scalar(momentum, ct) if use_momentum else None
+            wd = _kernel.scalar(weight_decay, ct) if use_wd else None
+            return sm.scalars(state.count, count, ct), lr, mom, wd
+
+        scalars = ScalarCache(make_scalars)
+        out_u, out_nu, out_mu, out_b = [], [], [], []
+        for (path, g), p, nu, mu, b in zip(_tree.leaves_with_paths(updates)[0], ps, nus, mus, bufs, strict=True):
+            g = jnp.asarray(g)
+            _tree.check_leaf(g, nu, path, name="updates")
+            ct = _dtypes.compute_dtype(g.dtype, nu.dtype)
+            rms_scalars, lr, mom, wd = scalars(ct)
+            gc = _dtypes.as_compute(g, ct)
+            if maximize:
+                gc = -gc
+            pc = None if p is None else _dtypes.as_compute(p, ct)
+            if use_wd and not decoupled_weight_decay:
+                assert wd is not None and pc is not None
+                gc = gc + _kernel.scale(wd, pc)
+            u, nu_new, mu_new = sm.step(gc, nu, mu, rms_scalars, ct)
+
+            b_new = None
+            if use_momentum:
+                assert mom is not None and b is not None
+            if not use_momentum:
+                step = _kernel.scale(lr, u)
+            elif not lr_after_momentum:
+                lr_u = _kernel.scale(lr, u)
+                b_new = _kernel.scale(mom, _dtypes.as_compute(b, ct)) + lr_u
+                step = lr_u + _kernel.scale(mom, b_new) if nesterov else b_new
+            else:
+                b_new = _kernel.scale(mom, _dtypes.as_compute(b, ct)) + u
+                step = _kernel.scale(lr, u + _kernel.scale(mom, b_new) if nesterov else b_new)
+            if use_wd and decoupled_weight_decay:
+                assert wd is not None and pc is not None
+                step = step + _kernel.scale(lr * wd, pc)
+
+            out_u.append((-step).astype(g.dtype))
+            out_nu.append(nu_new)
+            out_mu.append(mu_new)
+            out_b.append(None if b_new is None else b_new.astype(b.dtype))
+
+        def rebuild(leaves: list[Any], enabled: bool, old: Any) -> Any:
+            return jax.tree.unflatten(treedef, leaves) if enabled else old
+
+        new_state = RmspropState(
+            count=count,
+            nu=jax.tree.unflatten(treedef, out_nu),
+            mu=rebuild(out_mu, centered, state.mu),
+            trace=rebuild(out_b, use_momentum, state.trace),
+        )
+        return jax.tree.unflatten(treedef, out_u), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,77 @@
+"""Pytree helpers: building state like params, and matching grads against state."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rmsprop_jax import _dtypes
+
+
+def leaves_with_paths(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
+    return jax.tree_util.tree_flatten_with_path(tree)
+
+
+def path_str(path: Any) -> str:
+    return jax.tree_util.keystr(path) or "<root>"
+
+
+def check_params(params: Any) -> None:
+    """Raises TypeError for a parameter leaf that is not floating point or complex."""
+    for path, leaf in leaves_with_paths(params)[0]:
+        dtype = leaf_dtype(leaf)
+        if not _dtypes.is_float_dtype(dtype):
+            raise TypeError(
+                f"params{path_str(path)} has dtype {np.dtype(dtype).name}; RMSprop "
+                "needs floating-point or complex parameters. Leave integer and boolean "
+                "leaves out of the optimized tree (e.g. with optax.masked or "
+                "optax.set_to_zero via optax.multi_transform)."
+            )
+
+
+def leaf_dtype(leaf: Any) -> np.dtype:
+    """The dtype of an array, a ``jax.ShapeDtypeStruct`` or a Python scalar."""
+    dtype = getattr(leaf, "dtype", None)
+    return np.dtype(dtype if dtype is not None else jnp.asarray(leaf).dtype)
+
+
+def full_like(leaf: Any, value: Any, dtype: np.dtype) -> jax.Array:
+    """A state buffer shaped (and, outside jit, sharded) like ``leaf``."""
+    return jnp.full_like(leaf, value, dtype=dtype)
+
+
+def flatten_like(tree: Any, reference_treedef: Any, *, name: str, reference_name: str, reference: Any) -> list[Any]:
+    """Flattens ``tree`` to the leaves of ``reference_treedef``, or raises ValueError.
+
+    The error names both structures and the first path where they differ, which is
+    what one needs to fix a grads/state mismatch.
+    """
+    treedef = jax.tree_util.tree_structure(tree)
+    if treedef == reference_treedef:
+        return jax.tree_util.tree_leaves(tree)
+    paths = [path_str(p) for p, _ in leaves_with_paths(tree)[0]]
+    ref_paths = [path_str(p) for p, _ in leaves_with_paths(reference)[0]]
+    first = next(
+        (f"{a} vs {b}" for a, b in zip(paths, ref_paths, strict=False) if a != b),
+        f"{name} has {len(paths)} leaves, {reference_name} has {len(ref_paths)}",
+    )
+    raise ValueError(
+        f"The structure of {name} does not match {reference_name}. First difference: "
+        f"{first}.\n{name}: {treedef}\n{reference_name}: {reference_treedef}"
+    )
+
+
+def check_leaf(grad: Any, state_leaf: Any, path: Any, *, name: str) -> None:
+    """Raises if a gradient leaf cannot be the gradient of the parameter ``state_leaf`` mirrors."""
+    g_shape, s_shape = np.shape(grad), np.shape(state_leaf)
+    if g_shape != s_shape:
+        raise ValueError(
+            f"{name}{path_str(path)} has shape {g_shape} but the optimizer state for "
+            f"that leaf has shape {s_shape}; the gradient must match its parameter."
+        )
+    dtype = jnp.result_type(grad)
+    if not _dtypes.is_float_dtype(dtype):
+        raise TypeError(
+            f"{name}{path_str(path)} has dtype {np.dtype(dtype).name}; gradients must be floating point or complex."
+        )

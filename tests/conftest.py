@@ -1,0 +1,10 @@
+"""Strict JAX settings for every test, applied before any test module imports JAX."""
+
+import jax
+
+
+# Eight virtual CPU devices for sharding tests; must precede backend initialisation.
+jax.config.update("jax_num_cpu_devices", 8)
+# Any implicit dtype or rank promotion inside the library is a bug.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")

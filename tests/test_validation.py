@@ -1,0 +1,141 @@
+"""Bad input gets an error naming the argument, its value and what is allowed."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import rmsprop_jax
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"learning_rate": float("nan")}, "learning_rate=nan is not allowed; it must be a finite real number"),
+        ({"learning_rate": float("inf")}, "learning_rate=inf is not allowed"),
+        ({"learning_rate": jnp.ones(3)}, "learning_rate must be a scalar or a schedule; got a value of shape (3,)"),
+        ({"decay": -0.1}, "decay=-0.1 is outside the allowed range [0.0, 1.0]"),
+        ({"decay": 1.5}, "decay=1.5 is outside the allowed range [0.0, 1.0]"),
+        ({"decay": float("nan")}, "decay=nan is outside the allowed range [0.0, 1.0]"),
+        ({"eps": -1e-8}, "eps=-1e-08 is outside the allowed range [0.0, inf)"),
+        ({"initial_scale": -1.0}, "initial_scale=-1.0 is outside the allowed range [0.0, inf)"),
+        ({"momentum": 1.0}, "momentum=1.0 is outside the allowed range [0.0, 1.0)"),
+        ({"momentum": -0.5}, "momentum=-0.5 is outside the allowed range [0.0, 1.0)"),
+        ({"nesterov": True}, "nesterov=True needs momentum; got momentum=None"),
+        ({"weight_decay": -0.1}, "weight_decay=-0.1 is outside the allowed range [0.0, inf)"),
+        ({"state_dtype": "int32"}, "state_dtype='int32' is not supported; allowed: None"),
+        ({"state_dtype": "complex64"}, "state_dtype='complex64' is not supported"),
+        ({"state_dtype": jnp.float16}, "eps=1e-08 rounds to 0 in the state dtype float16"),
+        ({"state_dtype": jnp.bfloat16, "decay": 0.999}, "decay=0.999 rounds to 1.0 in the state dtype bfloat16"),
+        ({"bias_correction": True, "initial_scale": 1.0}, "bias_correction=True with initial_scale=1.0"),
+        ({"bias_correction": True, "decay": 1.0}, "bias_correction=True with decay=1.0 divides by 1 - 1**t = 0"),
+        ({"bias_correction": True, "decay": lambda t: 0.9}, "bias_correction=True needs a constant decay"),
+    ],
+)
+def test_construction_errors(kwargs, message):
+    kwargs = {"learning_rate": 1e-3, **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        rmsprop_jax.rmsprop(**kwargs)
+
+
+@pytest.mark.parametrize("flag", ["eps_in_sqrt", "centered", "bias_correction", "nesterov", "maximize"])
+def test_flags_must_be_bools(flag):
+    with pytest.raises(TypeError, match=re.escape(f"{flag} must be a bool; got 1")):
+        rmsprop_jax.rmsprop(1e-3, momentum=0.9, **{flag: 1})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"decay": 2.0}, "decay=2.0 is outside the allowed range"),
+        ({"eps": -1.0}, "eps=-1.0 is outside the allowed range"),
+        ({"state_dtype": "int8"}, "state_dtype='int8' is not supported"),
+    ],
+)
+def test_scale_by_rms_construction_errors(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        rmsprop_jax.scale_by_rms(**kwargs)
+
+
+def test_integer_params_are_rejected_at_init():
+    opt = rmsprop_jax.rmsprop(1e-3)
+    with pytest.raises(TypeError, match=re.escape("params['layer']['step'] has dtype int32")):
+        opt.init({"layer": {"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32)}})
+    with pytest.raises(TypeError, match=re.escape("params[1] has dtype bool")):
+        opt.init([jnp.ones(2), jnp.ones(2, bool)])
+
+
+def test_complex_params_with_16bit_state_are_rejected():
+    opt = rmsprop_jax.rmsprop(1e-3, momentum=0.9, state_dtype="bfloat16")
+    with pytest.raises(TypeError, match="state_dtype='bfloat16' cannot hold the momentum or centered buffers"):
+        opt.init(jnp.ones(2, jnp.complex64))
+
+
+def test_eps_that_underflows_in_parameter_precision_is_rejected_at_init():
+    opt = rmsprop_jax.rmsprop(1e-3, eps=1e-50)
+    with pytest.raises(ValueError, match=re.escape("eps=1e-50 rounds to 0 in the state dtype float32")):
+        opt.init(jnp.ones(2))
+
+
+@pytest.mark.parametrize("transform", [rmsprop_jax.rmsprop(1e-3), rmsprop_jax.scale_by_rms()])
+def test_tree_structure_mismatch_names_both_structures_and_first_difference(transform):
+    state = transform.init({"w": jnp.ones(3), "b": jnp.ones(2)})
+    with pytest.raises(ValueError, match=r"First difference: \['a'\] vs \['b'\]") as info:
+        transform.update({"a": jnp.ones(2), "w": jnp.ones(3)}, state)
+    assert "PyTreeDef({'a': *, 'w': *})" in str(info.value)
+    assert "PyTreeDef({'b': *, 'w': *})" in str(info.value)
+
+
+def test_leaf_count_mismatch():
+    opt = rmsprop_jax.rmsprop(1e-3)
+    state = opt.init({"w": jnp.ones(3), "b": jnp.ones(2)})
+    with pytest.raises(ValueError, match="updates has 1 leaves, the optimizer state"):
+        opt.update({"b": jnp.ones(2)}, state)
+
+
+@pytest.mark.parametrize("transform", [rmsprop_jax.rmsprop(1e-3), rmsprop_jax.scale_by_rms()])
+def test_shape_mismatch_names_the_path(transform):
+    state = transform.init({"layer": [jnp.ones((2, 3))]})
+    with pytest.raises(ValueError, match=re.escape("updates['layer'][0] has shape (3, 2) but the optimizer state")):
+        transform.update({"layer": [jnp.ones((3, 2))]}, state)
+
+
+def test_integer_gradient_names_the_path():
+    opt = rmsprop_jax.rmsprop(1e-3)
+    state = opt.init({"w": jnp.ones(3)})
+    with pytest.raises(TypeError, match=re.escape("updates['w'] has dtype int32")):
+        opt.update({"w": jnp.ones(3, jnp.int32)}, state)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_weight_decay_without_params(decoupled):
+    opt = rmsprop_jax.rmsprop(1e-3, weight_decay=0.1, decoupled_weight_decay=decoupled)
+    state = opt.init(jnp.ones(3))
+    with pytest.raises(ValueError, match=re.escape("rmsprop(weight_decay=0.1) needs the parameters")):
+        opt.update(jnp.ones(3), state)
+
+
+def test_params_structure_checked_when_weight_decay_needs_them():
+    opt = rmsprop_jax.rmsprop(1e-3, weight_decay=0.1)
+    state = opt.init({"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match="The structure of params does not match"):
+        opt.update({"w": jnp.ones(3)}, state, {"v": jnp.ones(3)})
+
+
+def test_traced_hyperparameters_are_not_checked_at_trace_time():
+    # Inside jit a hyperparameter is a tracer: building the optimizer must not fail.
+    @jax.jit
+    def first_update(lr, decay):
+        opt = rmsprop_jax.rmsprop(lr, decay=decay)
+        return opt.update(jnp.ones(2), opt.init(jnp.zeros(2)))[0]
+
+    assert first_update(jnp.float32(0.1), jnp.float32(0.9)).shape == (2,)
+
+
+def test_inject_hyperparams_weight_decay_needs_params():
+    opt = optax.inject_hyperparams(rmsprop_jax.rmsprop)(learning_rate=1e-3)
+    state = opt.init(jnp.ones(2))
+    with pytest.raises(ValueError, match="weight_decay is a traced value"):
+        jax.jit(opt.update)(jnp.ones(2), state)
