@@ -3,13 +3,12 @@
 from typing import Any, NamedTuple, cast
 
 import jax
-import jax.numpy as jnp
 import jax.typing
 import numpy as np
 import optax
 
 from rmsprop_jax import _dtypes, _kernel, _tree, _validation
-from rmsprop_jax._second_moment import ScalarCache, SecondMoment, new_count, zero_count
+from rmsprop_jax._second_moment import STATE_NAME, ScalarCache, SecondMoment, new_count, zero_count
 
 
 class RmspropState(NamedTuple):
@@ -186,20 +185,16 @@ def rmsprop(
     ) -> tuple[optax.Updates, RmspropState]:
         del extra_args
         state = cast(RmspropState, state)
-        treedef = jax.tree.structure(state.nu)
-        reference = "the optimizer state (built from params)"
-        _tree.flatten_like(updates, treedef, name="updates", reference_name=reference, reference=state.nu)
+        treedef, grads, nus, mus = sm.unpack(updates, state.nu, state.mu)
         n = treedef.num_leaves
         if use_wd:
             if params is None:
                 raise ValueError(_NO_PARAMS.format(wd=_validation.describe(weight_decay)))
             ps: list[Any] = _tree.flatten_like(
-                params, treedef, name="params", reference_name=reference, reference=state.nu
+                params, treedef, name="params", reference_name=STATE_NAME, reference=state.nu
             )
         else:
             ps = [None] * n
-        nus = jax.tree.leaves(state.nu)
-        mus = jax.tree.leaves(state.mu) if centered else [None] * n
         bufs = jax.tree.leaves(state.trace) if use_momentum else [None] * n
 
         count = new_count(state.count)
@@ -212,9 +207,7 @@ def rmsprop(
 
         scalars = ScalarCache(make_scalars)
         out_u, out_nu, out_mu, out_b = [], [], [], []
-        for (path, g), p, nu, mu, b in zip(_tree.leaves_with_paths(updates)[0], ps, nus, mus, bufs, strict=True):
-            g = jnp.asarray(g)
-            _tree.check_leaf(g, nu, path, name="updates")
+        for (_, g), p, nu, mu, b in zip(grads, ps, nus, mus, bufs, strict=True):
             ct = _dtypes.compute_dtype(g.dtype, nu.dtype)
             rms_scalars, lr, mom, wd = scalars(ct)
             gc = _dtypes.as_compute(g, ct)

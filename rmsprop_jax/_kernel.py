@@ -120,4 +120,3 @@ def rms_normalize(
 
 def evaluate(schedule_or_value: Any, count: jax.Array) -> Any:
     return schedule_or_value(count) if callable(schedule_or_value) else schedule_or_value
-

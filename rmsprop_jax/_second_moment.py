@@ -15,6 +15,9 @@ import optax
 from rmsprop_jax import _dtypes, _kernel, _tree, _validation
 
 
+STATE_NAME = "the optimizer state (built from params)"
+
+
 @dataclasses.dataclass(frozen=True)
 class SecondMoment:
     decay: Any
@@ -97,6 +100,24 @@ class SecondMoment:
         nu = jax.tree.map(nu_leaf, params)
         mu = jax.tree.map(mu_leaf, params) if self.centered else optax.EmptyState()
         return nu, mu
+
+    def unpack(self, updates: Any, nu: Any, mu: Any) -> tuple[Any, list[tuple[Any, jax.Array]], list[Any], list[Any]]:
+        """Checks ``updates`` against the state; returns the treedef and per-leaf lists.
+
+        The lists hold ``(path, gradient)`` pairs (gradients as JAX arrays, so NumPy
+        bfloat16 inputs do not promote), the ``nu`` leaves and the ``mu`` leaves (None
+        when not centered).
+        """
+        treedef = jax.tree.structure(nu)
+        _tree.flatten_like(updates, treedef, name="updates", reference_name=STATE_NAME, reference=nu)
+        grads = []
+        nus = jax.tree.leaves(nu)
+        for (path, g), nu_leaf in zip(_tree.leaves_with_paths(updates)[0], nus, strict=True):
+            g = jnp.asarray(g)
+            _tree.check_leaf(g, nu_leaf, path, name="updates")
+            grads.append((path, g))
+        mus = jax.tree.leaves(mu) if self.centered else [None] * len(nus)
+        return treedef, grads, nus, mus
 
     def scalars(self, count: jax.Array, new_count: jax.Array, dtype: np.dtype) -> _kernel.StepScalars:
         return _kernel.step_scalars(self.decay, self.eps, count, new_count, dtype, self.bias_correction)

@@ -3,11 +3,10 @@
 from typing import Any, NamedTuple, cast
 
 import jax
-import jax.numpy as jnp
 import jax.typing
 import optax
 
-from rmsprop_jax import _dtypes, _tree
+from rmsprop_jax import _dtypes
 from rmsprop_jax._second_moment import ScalarCache, SecondMoment, new_count, zero_count
 
 
@@ -121,23 +120,12 @@ def scale_by_rms(
     ) -> tuple[optax.Updates, ScaleByRmsState]:
         del params
         state = cast(ScaleByRmsState, state)
-        treedef = jax.tree.structure(state.nu)
-        _tree.flatten_like(
-            updates,
-            treedef,
-            name="updates",
-            reference_name="the optimizer state (built from params)",
-            reference=state.nu,
-        )
-        nus = jax.tree.leaves(state.nu)
-        mus = jax.tree.leaves(state.mu) if centered else [None] * len(nus)
+        treedef, grads, nus, mus = sm.unpack(updates, state.nu, state.mu)
         count = new_count(state.count)
         scalars = ScalarCache(lambda ct: sm.scalars(state.count, count, ct))
 
         out_u, out_nu, out_mu = [], [], []
-        for (path, g), nu, mu in zip(_tree.leaves_with_paths(updates)[0], nus, mus, strict=True):
-            g = jnp.asarray(g)
-            _tree.check_leaf(g, nu, path, name="updates")
+        for (_, g), nu, mu in zip(grads, nus, mus, strict=True):
             ct = _dtypes.compute_dtype(g.dtype, nu.dtype)
             u, nu_new, mu_new = sm.step(_dtypes.as_compute(g, ct), nu, mu, scalars(ct), ct)
             out_u.append(u.astype(g.dtype))
