@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+from rmsprop_jax import _presets as presets
 from rmsprop_jax._alias import RmspropState as RmspropState, rmsprop as rmsprop
 from rmsprop_jax._transform import ScaleByRmsState as ScaleByRmsState, scale_by_rms as scale_by_rms
 
@@ -14,6 +15,7 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
 __all__ = (
     "RmspropState",
     "ScaleByRmsState",
+    "presets",
     "rmsprop",
     "scale_by_rms",
 )
