@@ -4,6 +4,7 @@ import importlib.metadata
 
 from rmsprop_jax import _presets as presets
 from rmsprop_jax._alias import RmspropState as RmspropState, rmsprop as rmsprop
+from rmsprop_jax._sharding import zero1_shardings as zero1_shardings
 from rmsprop_jax._transform import ScaleByRmsState as ScaleByRmsState, scale_by_rms as scale_by_rms
 
 
@@ -18,6 +19,7 @@ __all__ = (
     "presets",
     "rmsprop",
     "scale_by_rms",
+    "zero1_shardings",
 )
 
 #  ____________________________________________

@@ -5,6 +5,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
+from jax.experimental.shard_alike import shard_alike
 
 from rmsprop_jax import _dtypes
 
@@ -37,8 +39,19 @@ def leaf_dtype(leaf: Any) -> np.dtype:
 
 
 def full_like(leaf: Any, value: Any, dtype: np.dtype) -> jax.Array:
-    """A state buffer shaped (and, outside jit, sharded) like ``leaf``."""
-    return jnp.full_like(leaf, value, dtype=dtype)
+    """A state buffer shaped and sharded like ``leaf``, also when ``init`` is jitted.
+
+    Outside jit ``jnp.full_like`` copies the concrete sharding of ``leaf``. Under jit with
+    automatic mesh axes, a constant does not depend on ``leaf``, so the partitioner would
+    give it no sharding and the jitted init would return it on one device (or replicated):
+    ``shard_alike`` puts the buffer and the parameter in one sharding group instead. It
+    reads no values (no ``leaf * 0``, which is NaN for an infinite parameter) and an
+    explicit ``out_shardings`` of the jitted init still wins (ZeRO-1 style state sharding).
+    """
+    out = jnp.full_like(leaf, value, dtype=dtype)
+    if isinstance(leaf, Tracer):
+        out, _ = shard_alike(out, leaf)
+    return out
 
 
 def flatten_like(tree: Any, reference_treedef: Any, *, name: str, reference_name: str, reference: Any) -> list[Any]:

@@ -1,0 +1,77 @@
+"""Optimizer-state sharding over the data axis (ZeRO-1 style) for replicated parameters."""
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+def _spec_entries(leaf: Any, ndim: int) -> list[Any]:
+    """The leaf's partition spec as a list of ``ndim`` entries (None: not split)."""
+    sharding = getattr(leaf, "sharding", None)
+    spec = list(sharding.spec) if isinstance(sharding, NamedSharding) else []
+    return spec + [None] * (ndim - len(spec))
+
+
+def _uses(entry: Any, axis: str) -> bool:
+    return entry == axis or (isinstance(entry, tuple) and axis in entry)
+
+
+def zero1_shardings(state: Any, mesh: Mesh, axis: str) -> Any:
+    """Shardings that split every optimizer-state array over the mesh axis ``axis``.
+
+    ZeRO-1 style optimizer-state sharding: the parameters stay replicated over the data
+    axis (each device computes the full update), while each device stores only ``1/N`` of
+    ``S`` (and of ``m`` and the momentum buffer), ``N = mesh.shape[axis]``. Pass the result
+    as ``out_shardings`` of a jitted ``init`` and as the state's ``in_shardings`` and
+    ``out_shardings`` of the jitted training step; XLA then updates each slice of the
+    state where it lives and all-gathers only the parameters' updates.
+
+    For each array leaf, the largest dimension that is not split yet and whose size is a
+    multiple of ``N`` is split over ``axis``; a dimension already split over other mesh
+    axes (model parallelism on a 2-D mesh) keeps its split. A leaf with no such dimension
+    (a scalar step count, a bias of size 10 on 8 devices), or already split over ``axis``,
+    keeps its current sharding. Applied to the state of sharded parameters it returns
+    their shardings, so it is also safe to call on FSDP states.
+
+    Args:
+      state: the optimizer state, or its shapes: arrays, or ``jax.ShapeDtypeStruct``
+        leaves such as ``jax.eval_shape(opt.init, params)`` gives. A leaf's existing
+        ``NamedSharding`` (if any) is kept on its other dimensions.
+      mesh: the device mesh.
+      axis: name of the mesh axis to split the state over (the data axis).
+
+    Returns:
+      A pytree like ``state`` with a ``jax.sharding.NamedSharding`` on ``mesh`` per leaf.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, rmsprop_jax
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> n = jax.device_count()
+      >>> mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> params = {"w": jnp.ones((64 * n, 10)), "b": jnp.zeros(10)}
+      >>> opt = rmsprop_jax.rmsprop(1e-3)
+      >>> shardings = rmsprop_jax.zero1_shardings(jax.eval_shape(opt.init, params), mesh, "data")
+      >>> shardings.nu["w"].spec, shardings.count.spec
+      (P('data',), P())
+      >>> state = jax.jit(opt.init, out_shardings=shardings)(params)
+      >>> state.nu["w"].addressable_shards[0].data.shape  # one device's slice of S_dW
+      (64, 10)
+    """
+    if axis not in mesh.shape:
+        raise ValueError(f"axis {axis!r} is not an axis of the mesh; its axes are {tuple(mesh.axis_names)}.")
+    n = mesh.shape[axis]
+
+    def leaf_sharding(leaf: Any) -> NamedSharding:
+        shape = tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
+        spec = _spec_entries(leaf, len(shape))
+        if not any(_uses(e, axis) for e in spec):
+            free = [d for d in range(len(shape)) if spec[d] is None and shape[d] >= n and shape[d] % n == 0]
+            if free:
+                spec[max(free, key=lambda d: shape[d])] = axis
+        while spec and spec[-1] is None:
+            spec.pop()
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return jax.tree.map(leaf_sharding, state)
