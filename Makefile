@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: demo test pytest lint format typecheck clean
+.PHONY: demo notebooks test pytest lint format typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/python -m rmsprop_jax.demo $(ARGS)
+
+notebooks: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests/test_notebooks.py $(ARGS)
 
 test: lint typecheck pytest
 

@@ -4,6 +4,10 @@ import importlib.metadata
 
 from rmsprop_jax import _presets as presets
 from rmsprop_jax._alias import RmspropState as RmspropState, rmsprop as rmsprop
+from rmsprop_jax._diagnostics import (
+    EffectiveLearningRate as EffectiveLearningRate,
+    effective_learning_rate as effective_learning_rate,
+)
 from rmsprop_jax._sharding import zero1_shardings as zero1_shardings
 from rmsprop_jax._transform import ScaleByRmsState as ScaleByRmsState, scale_by_rms as scale_by_rms
 
@@ -14,8 +18,10 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
 __all__ = (
+    "EffectiveLearningRate",
     "RmspropState",
     "ScaleByRmsState",
+    "effective_learning_rate",
     "presets",
     "rmsprop",
     "scale_by_rms",

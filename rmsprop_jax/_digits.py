@@ -5,7 +5,7 @@ The 1797 8x8 images ship inside scikit-learn, so everything runs offline.
 
 import itertools
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -76,3 +76,42 @@ def make_step(opt: optax.GradientTransformation) -> Any:
         return optax.apply_updates(params, updates), state, value
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def epoch_indices(n: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """One epoch's shuffled mini-batch indices as an array of shape ``(n // batch_size, batch_size)``."""
+    return np.stack(list(batches(n, batch_size, rng)))
+
+
+class EpochLog(NamedTuple):
+    """Per-step records of one epoch (leading axis: the steps)."""
+
+    batch_loss: jax.Array
+    test_accuracy: jax.Array
+    diagnostics: Any  # what ``diagnose(state)`` returned after each step, or None
+
+
+def make_epoch(opt: optax.GradientTransformation, data: Split, diagnose: Any = None) -> Any:
+    """A jitted epoch: ``lax.scan`` of training steps over a ``(steps, batch)`` index array.
+
+    Returns ``epoch(params, state, idx) -> (params, state, EpochLog)``. The test
+    accuracy is measured after every step, so steps-to-accuracy is exact; ``diagnose``
+    (a function of the optimizer state, e.g. the effective learning rate's statistics)
+    is evaluated after every step too.
+    """
+    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+
+    def step(carry: tuple[Any, Any], idx: jax.Array) -> tuple[tuple[Any, Any], EpochLog]:
+        params, state = carry
+        value, grads = jax.value_and_grad(loss)(params, x_train[idx], y_train[idx])
+        updates, state = opt.update(grads, state, params)
+        params = cast(list[dict[str, jax.Array]], optax.apply_updates(params, updates))
+        diag = None if diagnose is None else diagnose(state)
+        return (params, state), EpochLog(value, accuracy(params, x_test, y_test), diag)
+
+    def epoch(params: Any, state: Any, idx: jax.Array) -> tuple[Any, Any, EpochLog]:
+        (params, state), log = jax.lax.scan(step, (params, state), idx)
+        return params, state, log
+
+    return jax.jit(epoch, donate_argnums=(0, 1))
