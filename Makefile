@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
+# Line coverage of rmsprop_jax/, printed and enforced by `make pytest` (CI); `make pytest
+# COV= ARGS=tests/test_x.py` runs a subset without it.
+COV ?= --cov=rmsprop_jax --cov-report=term-missing:skip-covered --cov-fail-under=95
 
-.PHONY: demo notebooks test pytest lint format typecheck clean
+.PHONY: demo bench notebooks test pytest lint format typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +21,17 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed-demo
 	$(BIN)/python -m rmsprop_jax.demo $(ARGS)
 
+# The benchmark suite (benchmarks/RESULTS.md); `make bench ARGS=--quick` runs in under a minute.
+bench: $(VENV)/.installed-benchmarks
+	$(BIN)/python -m benchmarks.run $(ARGS)
+
 notebooks: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests/test_notebooks.py $(ARGS)
 
 test: lint typecheck pytest
 
 pytest: $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest $(COV) $(ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

@@ -8,7 +8,10 @@ from rmsprop_jax._diagnostics import (
     EffectiveLearningRate as EffectiveLearningRate,
     effective_learning_rate as effective_learning_rate,
 )
+from rmsprop_jax._flat import flatten_params as flatten_params
+from rmsprop_jax._fused import FlatState as FlatState, flat_apply as flat_apply, flat_init as flat_init
 from rmsprop_jax._sharding import zero1_shardings as zero1_shardings
+from rmsprop_jax._storage import StoredBuffer as StoredBuffer, decode_state as decode_state
 from rmsprop_jax._transform import ScaleByRmsState as ScaleByRmsState, scale_by_rms as scale_by_rms
 
 
@@ -19,9 +22,15 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
 
 __all__ = (
     "EffectiveLearningRate",
+    "FlatState",
     "RmspropState",
     "ScaleByRmsState",
+    "StoredBuffer",
+    "decode_state",
     "effective_learning_rate",
+    "flat_apply",
+    "flat_init",
+    "flatten_params",
     "presets",
     "rmsprop",
     "scale_by_rms",

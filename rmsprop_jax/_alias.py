@@ -7,7 +7,7 @@ import jax.typing
 import numpy as np
 import optax
 
-from rmsprop_jax import _dtypes, _kernel, _tree, _validation
+from rmsprop_jax import _dtypes, _kernel, _nonfinite, _storage, _tree, _validation
 from rmsprop_jax._second_moment import STATE_NAME, ScalarCache, SecondMoment, new_count, zero_count
 
 
@@ -21,12 +21,16 @@ class RmspropState(NamedTuple):
       mu: the EMA of g when ``centered=True``, else ``optax.EmptyState()``.
       trace: the momentum buffer when ``momentum`` is not None, else
         ``optax.EmptyState()``.
+      nonfinite_count: steps whose gradients held a NaN or Inf (skipped, or with
+        those entries zeroed), an int32 scalar, when ``on_nonfinite`` is ``"skip"``
+        or ``"zero"``; otherwise ``optax.EmptyState()``.
     """
 
     count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
     nu: optax.Updates
     mu: optax.Updates
     trace: optax.Updates
+    nonfinite_count: Any = optax.EmptyState()
 
 
 _NO_PARAMS = (
@@ -52,6 +56,12 @@ def rmsprop(
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
     state_dtype: Any = None,
+    on_nonfinite: str = "propagate",
+    stochastic_rounding: bool | None = None,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
+    factored: bool = False,
+    rounding_seed: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The RMSprop optimizer, with every framework's convention as an option.
 
@@ -87,6 +97,10 @@ def rmsprop(
     under a schedule: TF1, Keras and optax put :math:`\eta_t` inside the buffer
     (the default here), PyTorch outside (``lr_after_momentum=True``).
 
+    The numerics are guarded as described in :func:`scale_by_rms`: :math:`S`
+    saturates instead of overflowing, the centered variance is clamped at zero, and
+    ``on_nonfinite`` decides what a NaN or Inf gradient does.
+
     Args:
       learning_rate: :math:`\eta`, a finite number or a schedule.
       decay: :math:`\rho`, in [0, 1], or a schedule.
@@ -107,7 +121,26 @@ def rmsprop(
         gradient (PyTorch's L2).
       maximize: ascend the objective instead of descending it.
       state_dtype: dtype of ``S``, ``m`` and the momentum buffer. ``None``: float32
-        for 16-bit parameters, the parameter's precision otherwise.
+        for 16-bit parameters, the parameter's precision otherwise. ``"int8"``:
+        block-wise 8-bit codes with one float32 scale per block (a non-negative code
+        map for ``S``, a signed one for ``m`` and the momentum buffer), about 1.02
+        bytes per element; see :func:`scale_by_rms`.
+      on_nonfinite: what a step whose gradients hold a NaN or Inf does.
+        ``"propagate"``: nothing special, as optax. ``"skip"``: the updates are
+        ``-0.0`` (``apply_updates`` then leaves every parameter bit for bit
+        unchanged), the state is kept bit for bit, and ``nonfinite_count`` counts the
+        step. ``"zero"``: the offending entries count as zero gradients.
+      stochastic_rounding: store the buffers rounded up or down at random, unbiased,
+        instead of to nearest (see :func:`scale_by_rms`). Needs a 16-bit or
+        ``"int8"`` state; ``None``: on for ``"int8"``, off otherwise.
+      block_size: ``"int8"`` only: the largest number of elements per block, along
+        the last axis. ``None``: 256.
+      min_8bit_size: ``"int8"`` only: leaves with fewer elements, and scalars, keep a
+        float state. ``None``: 4096.
+      factored: keep ``S`` of leaves with two or more dimensions as row and column
+        statistics (see :func:`scale_by_rms`). Not with ``centered`` or ``"int8"``.
+      rounding_seed: seed of the stochastic-rounding key, an int in [0, 2**64).
+        ``None``: 0.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`RmspropState`.
@@ -124,6 +157,25 @@ def rmsprop(
       >>> print(f"{jnp.sum(params**2):.2E}")
       5.17E+00
 
+      ``S`` in 8 bits (``stochastic_rounding`` is on for ``"int8"``): the state holds
+      codes and block scales, and :func:`decode_state` the values:
+
+      >>> opt = rmsprop_jax.rmsprop(0.1, state_dtype="int8", min_8bit_size=0)
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update(jnp.array([0.5, -1.0, 2.0]), state)
+      >>> state.nu.values.dtype, state.nu.aux.shape
+      (dtype('uint8'), (1,))
+      >>> print(rmsprop_jax.decode_state(state).nu)  # 0.1 g^2, to 3% at most
+      [0.025 0.1   0.4  ]
+
+      A step whose gradients hold a NaN can be skipped, and counted:
+
+      >>> opt = rmsprop_jax.rmsprop(0.1, on_nonfinite="skip")
+      >>> state = opt.init(params)
+      >>> updates, state = opt.update(jnp.array([jnp.nan, 1.0, 1.0]), state)
+      >>> print(updates, int(state.count), int(state.nonfinite_count))
+      [-0. -0. -0.] 0 1
+
     .. warning::
       Frameworks disagree on RMSprop: PyTorch uses decay 0.99 and eps outside the
       square root; TF1 starts :math:`S` at 1 with eps inside; optax puts eps inside
@@ -137,6 +189,15 @@ def rmsprop(
       Graves, `Generating Sequences With Recurrent Neural Networks
       <https://arxiv.org/abs/1308.0850>`_, 2013.
     """
+    storage = _storage.Storage.create(
+        state_dtype=state_dtype,
+        stochastic_rounding=stochastic_rounding,
+        block_size=block_size,
+        min_8bit_size=min_8bit_size,
+        factored=factored,
+        rounding_seed=rounding_seed,
+        centered=centered,
+    )
     sm = SecondMoment.create(
         decay=decay,
         eps=eps,
@@ -144,7 +205,8 @@ def rmsprop(
         initial_scale=initial_scale,
         centered=centered,
         bias_correction=bias_correction,
-        state_dtype=state_dtype,
+        state_dtype=storage.float_dtype,
+        storage=storage,
     )
     _validation.check_finite("learning_rate", learning_rate)
     for name, flag in (
@@ -161,75 +223,99 @@ def rmsprop(
         raise ValueError("nesterov=True needs momentum; got momentum=None. Pass momentum in [0, 1).")
     _validation.check_interval("weight_decay", weight_decay, 0.0, float("inf"), high_open=True)
 
+    mode = _nonfinite.check_mode(on_nonfinite)
     wd_known = _validation.concrete(weight_decay)
     use_wd = wd_known is None or float(wd_known) != 0.0
     use_momentum = momentum is not None
 
     def init_fn(params: optax.Params) -> RmspropState:
         nu, mu = sm.init(params)
-        trace = (
-            jax.tree.map(
+        if not use_momentum:
+            trace = optax.EmptyState()
+        elif not storage.is_default:
+            trace = storage.init_signed(params)
+        else:
+            trace = jax.tree.map(
                 lambda p: _tree.full_like(p, 0, _dtypes.state_dtypes(_tree.leaf_dtype(p), sm.state_dtype)[1]),
                 params,
             )
-            if use_momentum
-            else optax.EmptyState()
-        )
-        return RmspropState(count=zero_count(), nu=nu, mu=mu, trace=trace)
+        return RmspropState(count=zero_count(), nu=nu, mu=mu, trace=trace, nonfinite_count=_nonfinite.init_count(mode))
 
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
+    def update_step(
+        updates: optax.Updates, state: optax.OptState, params: optax.Params | None, lr_t: Any, decay_t: Any
     ) -> tuple[optax.Updates, RmspropState]:
-        del extra_args
+        # lr_t, decay_t: the schedules' values at state.count (None for constants).
         state = cast(RmspropState, state)
-        treedef, grads, nus, mus = sm.unpack(updates, state.nu, state.mu)
+        _nonfinite.check_counter(mode, state.nonfinite_count)
+        treedef, grads, nus, mus = sm.unpack(
+            updates, state.nu, state.mu, jax.tree.leaves(_storage.values_of(state.trace)) if use_momentum else None
+        )
+        gs, all_finite = _nonfinite.screen(mode, [g for _, g in grads])
         n = treedef.num_leaves
-        if use_wd:
+        if use_wd and n:
             if params is None:
                 raise ValueError(_NO_PARAMS.format(wd=_validation.describe(weight_decay)))
             ps: list[Any] = _tree.flatten_like(
-                params, treedef, name="params", reference_name=STATE_NAME, reference=state.nu
+                params, treedef, name="params", reference_name=STATE_NAME, reference=_storage.values_of(state.nu)
             )
+            refs = sm.shape_references(state.nu)
+            for (path, p), nu_leaf in zip(_tree.leaves_with_paths(params)[0], refs, strict=True):
+                _tree.check_leaf(p, nu_leaf, path, name="params")
         else:
             ps = [None] * n
-        bufs = jax.tree.leaves(state.trace) if use_momentum else [None] * n
+        if not use_momentum:
+            bufs: list[Any] = [None] * n
+        elif storage.is_default:
+            bufs = jax.tree.leaves(state.trace)
+        else:
+            bufs = _storage.leaves(state.trace, n)
+        key = state.nu.key if isinstance(state.nu, _storage.StoredBuffer) else None
 
         count = new_count(state.count)
 
         def make_scalars(ct: np.dtype) -> tuple[Any, ...]:
-            lr = _kernel.scalar(_kernel.evaluate(learning_rate, state.count), ct)
+            lr = _kernel.scalar(learning_rate if lr_t is None else lr_t, ct)
             mom = _kernel.scalar(momentum, ct) if use_momentum else None
             wd = _kernel.scalar(weight_decay, ct) if use_wd else None
-            return sm.scalars(state.count, count, ct), lr, mom, wd
+            return sm.scalars(state.count, count, ct, decay_t), lr, mom, wd
 
         scalars = ScalarCache(make_scalars)
         out_u, out_nu, out_mu, out_b = [], [], [], []
-        for (_, g), p, nu, mu, b in zip(grads, ps, nus, mus, bufs, strict=True):
-            ct = _dtypes.compute_dtype(g.dtype, nu.dtype)
+        for i, (g, p, nu, mu, b) in enumerate(zip(gs, ps, nus, mus, bufs, strict=True)):
+            ct = _dtypes.compute_dtype(g.dtype, (nu if storage.is_default else nu[0]).dtype)
             rms_scalars, lr, mom, wd = scalars(ct)
             gc = _dtypes.as_compute(g, ct)
             if maximize:
                 gc = -gc
             pc = None if p is None else _dtypes.as_compute(p, ct)
-            if use_wd and not decoupled_weight_decay:
+            coupled = use_wd and not decoupled_weight_decay
+            if coupled:
                 assert wd is not None and pc is not None
                 gc = gc + _kernel.scale(wd, pc)
-            u, nu_new, mu_new = sm.step(gc, nu, mu, rms_scalars, ct)
+            if storage.is_default:
+                u, nu_new, mu_new = sm.step(gc, nu, mu, rms_scalars, ct)
+            else:
+                # A bound of |g + wd p| per 8-bit block, from plain maxima of g and p.
+                def grad_bound(g: Any = g, p: Any = p, wd: Any = wd, coupled: bool = coupled) -> jax.Array:
+                    return storage.grad_block_bound(g, p if coupled else None, wd if coupled else None)
+
+                u, nu_new, mu_new = sm.step_stored(i, gc, nu, mu, rms_scalars, ct, key, state.count, grad_bound)
 
             b_new = None
+            b_c = None
             if use_momentum:
                 assert mom is not None and b is not None
+                b_c = _dtypes.as_compute(b, ct) if storage.is_default else storage.decode_signed(b, ct)
             if not use_momentum:
                 step = _kernel.scale(lr, u)
             elif not lr_after_momentum:
+                assert b_c is not None
                 lr_u = _kernel.scale(lr, u)
-                b_new = _kernel.scale(mom, _dtypes.as_compute(b, ct)) + lr_u
+                b_new = _kernel.scale(mom, b_c) + lr_u
                 step = lr_u + _kernel.scale(mom, b_new) if nesterov else b_new
             else:
-                b_new = _kernel.scale(mom, _dtypes.as_compute(b, ct)) + u
+                assert b_c is not None
+                b_new = _kernel.scale(mom, b_c) + u
                 step = _kernel.scale(lr, u + _kernel.scale(mom, b_new) if nesterov else b_new)
             if use_wd and decoupled_weight_decay:
                 assert wd is not None and pc is not None
@@ -238,17 +324,45 @@ def rmsprop(
             out_u.append((-step).astype(g.dtype))
             out_nu.append(nu_new)
             out_mu.append(mu_new)
-            out_b.append(None if b_new is None else b_new.astype(b.dtype))
+            if b_new is None:
+                out_b.append(None)
+            elif storage.is_default:
+                out_b.append(b_new.astype(b.dtype))
+            else:
+                out_b.append(storage.encode_signed(b_new, b, key, state.count, i))
 
         def rebuild(leaves: list[Any], enabled: bool, old: Any) -> Any:
-            return jax.tree.unflatten(treedef, leaves) if enabled else old
+            if not enabled:
+                return old
+            if storage.is_default:
+                return jax.tree.unflatten(treedef, leaves)
+            return _storage.rebuild(old, treedef, leaves)
 
         new_state = RmspropState(
             count=count,
-            nu=jax.tree.unflatten(treedef, out_nu),
+            nu=rebuild(out_nu, True, state.nu),
             mu=rebuild(out_mu, centered, state.mu),
             trace=rebuild(out_b, use_momentum, state.trace),
+            nonfinite_count=state.nonfinite_count,
         )
-        return jax.tree.unflatten(treedef, out_u), new_state
+        new_state = _nonfinite.skip_state(mode, all_finite, new_state, state)._replace(
+            nonfinite_count=_nonfinite.next_count(mode, state.nonfinite_count, all_finite)
+        )
+        return _nonfinite.skip_updates(mode, all_finite, jax.tree.unflatten(treedef, out_u)), new_state
+
+    step_fn = _validation.compiled(update_step, learning_rate, decay, eps, momentum, weight_decay)
+
+    def update_fn(
+        updates: optax.Updates,
+        state: optax.OptState,
+        params: optax.Params | None = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, RmspropState]:
+        del extra_args
+        # Schedules are evaluated here, as optax does, so that an eager call evaluates them
+        # eagerly too; the step itself is one compiled computation.
+        count = cast(RmspropState, state).count
+        lr_t = learning_rate(count) if callable(learning_rate) else None
+        return step_fn(updates, state, params, lr_t, sm.decay_at(count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -9,7 +9,7 @@ import jax.typing
 import numpy as np
 import optax
 
-from rmsprop_jax import _dtypes, _validation
+from rmsprop_jax import _dtypes, _storage, _validation
 from rmsprop_jax._alias import RmspropState
 from rmsprop_jax._transform import ScaleByRmsState
 
@@ -213,7 +213,8 @@ def effective_learning_rate(
             raise TypeError(f"{name} must be a bool; got {flag!r}.")
     if bias_correction and callable(decay):
         raise ValueError("bias_correction=True needs a constant decay (as rmsprop does); got a schedule.")
-    rms = _find_rms_state(state)
+    # 8-bit codes, factored statistics or 16-bit values as float trees like the parameters.
+    rms = _storage.decode_state(_find_rms_state(state))
     has_mu = not isinstance(rms.mu, optax.EmptyState)
     if centered != has_mu:
         built = "with centered=True (it has mu)" if has_mu else "with centered=False (its mu is EmptyState)"

@@ -45,6 +45,14 @@ def complex_dtype(dtype: np.dtype) -> np.dtype:
     raise TypeError(f"there is no complex dtype with {dtype.name} parts")
 
 
+def nu_dtype(param_dtype: Any, state_dtype: np.dtype | None) -> np.dtype:
+    """The dtype of ``nu`` (real) for one leaf; see :func:`state_dtypes`."""
+    param_real = real_dtype(param_dtype)
+    if state_dtype is None:
+        return np.dtype(np.float32) if param_real in _HALF_FLOATS else param_real
+    return state_dtype
+
+
 def state_dtypes(param_dtype: Any, state_dtype: np.dtype | None) -> tuple[np.dtype, np.dtype]:
     """Dtypes of ``nu`` and of the signed buffers (``mu``, ``trace``) for one leaf.
 
@@ -53,20 +61,16 @@ def state_dtypes(param_dtype: Any, state_dtype: np.dtype | None) -> tuple[np.dty
     get float32 state: a bfloat16 EMA with decay 0.999 never moves.
     """
     param_dtype = np.dtype(param_dtype)
-    param_real = real_dtype(param_dtype)
-    if state_dtype is None:
-        nu_dtype = np.dtype(np.float32) if param_real in _HALF_FLOATS else param_real
-    else:
-        nu_dtype = state_dtype
+    real = nu_dtype(param_dtype, state_dtype)
     if param_dtype.kind != "c":
-        return nu_dtype, nu_dtype
-    if nu_dtype in _HALF_FLOATS:
+        return real, real
+    if real in _HALF_FLOATS:
         raise TypeError(
-            f"state_dtype={nu_dtype.name!r} cannot hold the momentum or centered "
+            f"state_dtype={real.name!r} cannot hold the momentum or centered "
             f"buffers of a {param_dtype.name} parameter (there is no 16-bit complex "
             "dtype); use state_dtype=None, 'float32' or 'float64'."
         )
-    return nu_dtype, complex_dtype(nu_dtype)
+    return real, complex_dtype(real)
 
 
 def compute_dtype(*dtypes: Any) -> np.dtype:

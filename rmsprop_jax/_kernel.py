@@ -4,8 +4,22 @@ Everything here runs in the compute dtype (float32, or float64 when the gradient
 or the state is float64); complex values keep a complex dtype of that precision.
 Real scalars multiply complex arrays part by part, which is exact and keeps strict
 dtype promotion happy.
+
+Range safety. ``|g|^2`` overflows float32 for ``|g| > 1.8e19``; optax and PyTorch then
+store ``S = inf`` and ``g / sqrt(inf) = 0`` freezes the parameter for the rest of
+training. Here ``S`` saturates at the largest finite value of its dtype (a spike of
+1e30 leaves ``S = 3.4e38``, not the ``1e59`` float32 cannot hold, and ``S`` decays back
+at the normal rate). On the step where ``S`` saturates, the stored value understates
+``S``, so the root is also bounded below by ``sqrt(1 - rho) |g|``, which needs no
+square: the spike's own update is then exact (``g / sqrt((1 - rho) g^2)``, the usual
+first-step size), not ``1e30 / 1.8e19``. Centered, ``m`` is scaled down by a power of
+two where ``S`` saturates and the bound is West's ``v_t >= (1 - rho) / rho |g - m_t|^2``. The same
+bounds keep ``eps = 0`` finite for gradients whose square underflows. These safeguards
+cost a handful of element-wise operations inside the one fused pass; the update reads
+only ``g`` and the new state, so XLA needs no copy of the donated state.
 """
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -16,7 +30,7 @@ from rmsprop_jax import _validation
 
 
 def scale(s: jax.Array, x: jax.Array) -> jax.Array:
-    """``s * x`` for a real scalar ``s`` and a real or complex ``x``."""
+    """``s * x`` for a real ``s`` (scalar or same shape) and a real or complex ``x``."""
     if jnp.iscomplexobj(x):
         return jax.lax.complex(s * x.real, s * x.imag)
     return s * x
@@ -79,11 +93,48 @@ def step_scalars(
 
 
 class RmsOptions(NamedTuple):
-    """Static switches of the second-moment normalization."""
+    """Static switches of the second-moment normalization.
+
+    ``eps`` is its concrete value, or None when traced (then every safeguard that
+    depends on it is on).
+    """
 
     eps_in_sqrt: bool
     centered: bool
-    eps_may_be_zero: bool
+    eps: float | None
+
+    @property
+    def eps_may_be_zero(self) -> bool:
+        return self.eps is None or self.eps == 0.0
+
+
+def _small_limits(eps_in_sqrt: bool, dtype: np.dtype) -> tuple[float, float]:
+    """``(eps_bound, s_floor)`` for the underflow safeguard in ``dtype``.
+
+    A term of ``S`` below ``tiny`` (float32: 1.2e-38; ``|g|^2`` for ``|g| < 1.1e-19``)
+    is flushed to zero, which moves ``sqrt(S)`` by at most ``sqrt(tiny)``. Next to
+    ``eps`` outside the root that is below half an ulp once ``eps`` exceeds
+    ``sqrt(tiny) * 2^(mantissa + 2)`` (float32: 3.6e-12); inside the root, once ``eps``
+    exceeds ``tiny * 2^(mantissa + 2)`` (float32: 4e-31). Default eps values never need
+    the safeguard. ``s_floor``: below it, ``S`` may have lost relative precision.
+    """
+    info = np.finfo(dtype)
+    lost = float(info.tiny) if eps_in_sqrt else math.sqrt(float(info.tiny))
+    return lost * 2.0 ** (info.nmant + 2), float(info.tiny) * 2.0 ** (info.nmant + 2)
+
+
+def _weighted_abs_sq(w: jax.Array, x: jax.Array) -> jax.Array:
+    """``w |x|^2`` as ``(w x) x``: finite whenever the result is."""
+    if jnp.iscomplexobj(x):
+        return (w * x.real) * x.real + (w * x.imag) * x.imag
+    return (w * x) * x
+
+
+def _at_most(x: jax.Array, top: jax.Array) -> jax.Array:
+    """``min(x, top)``, nan kept. Written as a select: XLA:CPU then materializes the new
+    state once and the update reads it, instead of recomputing it from the old state
+    (which, with donated buffers, costs a copy of the state)."""
+    return jnp.where(x > top, top, x)
 
 
 def rms_normalize(
@@ -92,6 +143,7 @@ def rms_normalize(
     mu: jax.Array | None,
     s: StepScalars,
     opts: RmsOptions,
+    nu_max: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """One second-moment step for one leaf.
 
@@ -99,18 +151,73 @@ def rms_normalize(
     ``sqrt(v) + eps`` or ``sqrt(v + eps)`` and ``v`` is the (debiased) EMA of |g|^2,
     minus |EMA of g|^2 when centered. ``v`` is clamped at zero: in floating point
     the centered difference of two nearly equal numbers can come out negative.
+
+    ``nu_new`` saturates at ``nu_max``, the state dtype's largest finite value; where it
+    does, ``mu_new`` is scaled down by a constant power of two, so that ``|m|^2 <= S``
+    still holds (the mean is forgotten; the state stays consistent). Where ``nu_new``
+    saturated, or underflowed with an ``eps`` too small to cover it, the root is the
+    larger of what the stored values give and an exact lower bound that needs no square
+    of ``g``. Everywhere else the arithmetic is the textbook one, bit for bit, and the
+    update reads only ``g`` and the new state (one fused pass in XLA).
     """
-    nu_new = s.decay * nu + s.one_minus_decay * abs_sq(g)
-    nu_hat = nu_new if s.debias is None else nu_new / s.debias
+    ct = np.dtype(nu.dtype)
+    d, omd, b = s.decay, s.one_minus_decay, s.debias
+
+    def const(x: float) -> jax.Array:
+        return jnp.asarray(x, ct)
+
+    top = const(nu_max)
+    nu_raw = d * nu + omd * abs_sq(g)
+    # Where that overflowed (or is nan: (1 - rho) * inf at rho = 1), redo it with
+    # (1 - rho) applied before the second factor of g, and saturate: never inf.
+    nu_new = jnp.where(nu_raw <= top, nu_raw, _at_most(d * nu + _weighted_abs_sq(omd, g), top))
     mu_new = None
     if opts.centered:
         assert mu is not None
-        mu_new = scale(s.decay, mu) + scale(s.one_minus_decay, g)
-        mu_hat = mu_new if s.debias is None else divide(mu_new, s.debias)
+        mu_new = scale(d, mu) + scale(omd, g)
+        # Where S saturated, scale m down by a power of two so that |m|^2 <= S keeps
+        # holding: the mean is forgotten, the state stays consistent (never S < |m|^2,
+        # which would give a zero variance and the step g / eps).
+        mu_new = jnp.where(nu_new >= top, scale(const(_shrink(ct, nu_max)), mu_new), mu_new)
+
+    # The textbook denominator.
+    nu_hat = nu_new if b is None else nu_new / b
+    if opts.centered:
+        assert mu_new is not None
+        mu_hat = mu_new if b is None else divide(mu_new, b)
         var = jnp.maximum(nu_hat - abs_sq(mu_hat), 0)
     else:
         var = nu_hat
-    den = jnp.sqrt(var + s.eps) if opts.eps_in_sqrt else jnp.sqrt(var) + s.eps
+    # With eps outside the root, ``den`` is sqrt(v) until eps is added at the end.
+    den = jnp.sqrt(var + s.eps) if opts.eps_in_sqrt else jnp.sqrt(var)
+
+    # Where the stored S saturated (or S / (1 - rho^t) would overflow) ...
+    special = nu_new >= (top if b is None else top * b)
+    eps_bound, s_floor = _small_limits(opts.eps_in_sqrt, ct)
+    if opts.eps is None or opts.eps < eps_bound:
+        # ... or underflowed, and eps is too small to make that irrelevant ...
+        under = nu_new < const(s_floor)
+        if opts.eps is None:
+            under = under & (s.eps < const(eps_bound))
+        special = special | under
+    # ... the root is the larger of the value from the stored state, in a form that
+    # cannot overflow, and a lower bound of the true one computed from g (no square).
+    bound = _lower_bound(g, mu_new, s, opts, nu_new >= top, nu_max)
+    if b is None:
+        # max(den, bound or 0) equals where(special, max(den, bound), den) for den, bound >= 0,
+        # and reads den once: XLA then fuses S and the step into one loop (see _fused.py).
+        den = jnp.maximum(den, jnp.where(special, bound, jnp.zeros_like(bound)))
+    else:
+        x = nu_new
+        if opts.centered:
+            assert mu_new is not None
+            x = jnp.maximum(nu_new - abs_sq(mu_new) / b, 0)
+        # sqrt(x / b (+ eps)) = sqrt(x (+ eps b)) / sqrt(b): no overflow for x <= max.
+        safe = (jnp.sqrt(x + s.eps * b) if opts.eps_in_sqrt else jnp.sqrt(x)) * jax.lax.rsqrt(b)
+        den = jnp.where(special, jnp.maximum(safe, bound), den)
+    if not opts.eps_in_sqrt:
+        den = den + s.eps
+
     u = divide(g, den)
     if opts.eps_may_be_zero:
         # With eps = 0 a zero gradient on a zero average is 0/0; define its step as 0.
@@ -118,5 +225,45 @@ def rms_normalize(
     return u, nu_new, mu_new
 
 
-def evaluate(schedule_or_value: Any, count: jax.Array) -> Any:
-    return schedule_or_value(count) if callable(schedule_or_value) else schedule_or_value
+def _shrink(dtype: np.dtype, nu_max: float) -> float:
+    """The power of two ``c`` that keeps ``|c m|^2 <= nu_max`` for any ``m`` in ``dtype``.
+
+    ``|m|`` is at most ``2^E`` (``E``: the compute dtype's ``maxexp``) and ``nu_max >=
+    2^(e - 1)`` (``e``: the state dtype's), so ``c = 2^-(E - e/2 + 1)``: float32 state,
+    ``2^-65``. A constant power of two, so that recovering ``m = (c m) / c`` is exact
+    however XLA reorders the products.
+    """
+    return 2.0 ** -(np.finfo(dtype).maxexp - math.frexp(nu_max)[1] // 2 + 1)
+
+
+def _lower_bound(
+    g: jax.Array,
+    mu_new: jax.Array | None,
+    s: StepScalars,
+    opts: RmsOptions,
+    saturated: jax.Array,
+    nu_max: float,
+) -> jax.Array:
+    """A lower bound of the true ``sqrt(v_t)`` that needs no square of ``g``.
+
+    With ``b = 1 - rho^t`` (1 without bias correction) and ``p = (1 - rho) / b``, the
+    weight of ``g_t`` in the average:
+
+    * plain: ``S_t / b >= p |g_t|^2``;
+    * centered: ``v_t >= p / (1 - p) |g_t - m_t / b|^2``. Without bias correction that
+      is West's update ``v_t = rho v_{t-1} + rho (1 - rho) |g_t - m_{t-1}|^2`` (any
+      ``S_0 >= 0``); with it, ``v_t`` is the variance of a mixture that puts weight ``p``
+      on ``g_t``. Where ``S`` saturated, ``m_t`` is recovered from the scaled stored value.
+    """
+    d, omd, b = s.decay, s.one_minus_decay, s.debias
+    if not opts.centered:
+        p = omd if b is None else omd / b
+        return jnp.sqrt(p) * jnp.abs(g)
+    assert mu_new is not None
+    ct = np.dtype(d.dtype)
+    m = jnp.where(saturated, scale(jnp.asarray(1 / _shrink(ct, nu_max), ct), mu_new), mu_new)
+    rest = d if b is None else b - omd  # b (1 - p); 0 on a first debiased step, where v_1 = 0
+    k = jnp.where(rest > 0, jnp.sqrt(omd / jnp.where(rest > 0, rest, 1)), 0)
+    if b is None:
+        return k * jnp.abs(g - m)
+    return k / b * jnp.abs(scale(b, g) - m)  # |g - m / b| without an overflowing m / b

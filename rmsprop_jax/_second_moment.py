@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _dtypes, _kernel, _tree, _validation
+from rmsprop_jax import _dtypes, _kernel, _storage, _tree, _validation
 
 
 STATE_NAME = "the optimizer state (built from params)"
@@ -27,6 +27,7 @@ class SecondMoment:
     centered: bool
     bias_correction: bool
     state_dtype: np.dtype | None
+    storage: _storage.Storage = dataclasses.field(default_factory=_storage.Storage)
 
     @classmethod
     def create(
@@ -39,6 +40,7 @@ class SecondMoment:
         centered: bool,
         bias_correction: bool,
         state_dtype: Any,
+        storage: _storage.Storage | None = None,
     ) -> "SecondMoment":
         _validation.check_interval("decay", decay, 0.0, 1.0)
         _validation.check_interval("eps", eps, 0.0, float("inf"), high_open=True)
@@ -70,26 +72,34 @@ class SecondMoment:
                     "the correction 1/(1 - decay**t) assumes the average starts at 0 and would "
                     "inflate the initial value; use initial_scale=0.0 or bias_correction=False."
                 )
+        _check_zero_eps(decay, eps, initial_scale, centered, bias_correction)
+        storage = _storage.Storage() if storage is None else storage
         dtype = _dtypes.canonical_state_dtype(state_dtype)
         if dtype is not None:
-            _validation.check_survives_dtype(decay, eps, dtype, explicit=True)
-        return cls(decay, eps, eps_in_sqrt, initial_scale, centered, bias_correction, dtype)
-
-    @property
-    def eps_may_be_zero(self) -> bool:
-        e = _validation.concrete(self.eps)
-        return e is None or float(e) == 0.0
+            _validation.check_survives_dtype(
+                decay, eps, dtype, explicit=True, stochastic_rounding=storage.stochastic_rounding
+            )
+        return cls(decay, eps, eps_in_sqrt, initial_scale, centered, bias_correction, dtype, storage)
 
     @property
     def options(self) -> _kernel.RmsOptions:
-        return _kernel.RmsOptions(self.eps_in_sqrt, self.centered, self.eps_may_be_zero)
+        e = _validation.concrete(self.eps)
+        return _kernel.RmsOptions(self.eps_in_sqrt, self.centered, None if e is None else float(e))
 
     def init(self, params: Any) -> tuple[Any, Any]:
         """Builds ``(nu, mu)``; ``mu`` is ``optax.EmptyState()`` unless centered."""
         _tree.check_params(params)
+        if not self.storage.is_default:
+
+            def check(dtype: np.dtype) -> None:  # the default policy's dtypes, as below
+                if self.state_dtype is None:
+                    _validation.check_survives_dtype(self.decay, self.eps, dtype, explicit=False)
+
+            nu = self.storage.init_nu(params, self.initial_scale, check)
+            return nu, self.storage.init_signed(params) if self.centered else optax.EmptyState()
 
         def nu_leaf(p: Any) -> jax.Array:
-            nu_dtype, _ = _dtypes.state_dtypes(_tree.leaf_dtype(p), self.state_dtype)
+            nu_dtype = _dtypes.nu_dtype(_tree.leaf_dtype(p), self.state_dtype)  # real: any state_dtype
             if self.state_dtype is None:
                 _validation.check_survives_dtype(self.decay, self.eps, nu_dtype, explicit=False)
             return _tree.full_like(p, self.initial_scale, nu_dtype)
@@ -101,26 +111,51 @@ class SecondMoment:
         mu = jax.tree.map(mu_leaf, params) if self.centered else optax.EmptyState()
         return nu, mu
 
-    def unpack(self, updates: Any, nu: Any, mu: Any) -> tuple[Any, list[tuple[Any, jax.Array]], list[Any], list[Any]]:
+    def unpack(
+        self, updates: Any, nu: Any, mu: Any, kinds: Any = None
+    ) -> tuple[Any, list[tuple[Any, jax.Array]], list[Any], list[Any]]:
         """Checks ``updates`` against the state; returns the treedef and per-leaf lists.
 
         The lists hold ``(path, gradient)`` pairs (gradients as JAX arrays, so NumPy
         bfloat16 inputs do not promote), the ``nu`` leaves and the ``mu`` leaves (None
-        when not centered).
+        when not centered). ``kinds``: leaves that are complex exactly when the
+        parameter is (``mu`` is used when centered). With memory-efficient storage the
+        ``nu`` and ``mu`` entries are ``(values, aux)`` pairs (see ``_storage``).
         """
-        treedef = jax.tree.structure(nu)
-        _tree.flatten_like(updates, treedef, name="updates", reference_name=STATE_NAME, reference=nu)
+        values = _storage.values_of(nu)
+        treedef = jax.tree.structure(values)
+        _tree.flatten_like(updates, treedef, name="updates", reference_name=STATE_NAME, reference=values)
+        n = treedef.num_leaves
+        if self.storage.is_default:
+            nus: list[Any] = jax.tree.leaves(nu)
+            mus: list[Any] = jax.tree.leaves(mu) if self.centered else [None] * n
+            refs, mu_values = nus, mus
+        else:
+            nus, refs = _storage.leaves(nu, n), _storage.shape_references(nu)
+            mus = _storage.leaves(mu, n) if self.centered else [None] * n
+            mu_values = [None if m is None else m[0] for m in mus]
+        if kinds is None:
+            kinds = mu_values
         grads = []
-        nus = jax.tree.leaves(nu)
-        for (path, g), nu_leaf in zip(_tree.leaves_with_paths(updates)[0], nus, strict=True):
+        for (path, g), ref, kind in zip(_tree.leaves_with_paths(updates)[0], refs, kinds, strict=True):
             g = jnp.asarray(g)
-            _tree.check_leaf(g, nu_leaf, path, name="updates")
+            _tree.check_leaf(g, ref, path, name="updates", kind_leaf=kind)
             grads.append((path, g))
-        mus = jax.tree.leaves(mu) if self.centered else [None] * len(nus)
         return treedef, grads, nus, mus
 
-    def scalars(self, count: jax.Array, new_count: jax.Array, dtype: np.dtype) -> _kernel.StepScalars:
-        return _kernel.step_scalars(self.decay, self.eps, count, new_count, dtype, self.bias_correction)
+    def shape_references(self, nu: Any) -> list[Any]:
+        """Per leaf, an array (or shape struct) with the parameter's shape, to check params against."""
+        return jax.tree.leaves(nu) if self.storage.is_default else _storage.shape_references(nu)
+
+    def decay_at(self, count: jax.Array) -> Any:
+        """The decay schedule's value at ``count``, or None for a constant decay."""
+        return self.decay(count) if callable(self.decay) else None
+
+    def scalars(
+        self, count: jax.Array, new_count: jax.Array, dtype: np.dtype, decay_t: Any = None
+    ) -> _kernel.StepScalars:
+        decay = self.decay if decay_t is None else decay_t
+        return _kernel.step_scalars(decay, self.eps, count, new_count, dtype, self.bias_correction)
 
     def step(
         self,
@@ -137,10 +172,50 @@ class SecondMoment:
         """
         nu_c = nu.astype(ct)
         mu_c = None if mu is None else _dtypes.as_compute(mu, ct)
-        u, nu_new, mu_new = _kernel.rms_normalize(g, nu_c, mu_c, scalars, self.options)
+        u, nu_new, mu_new = _kernel.rms_normalize(g, nu_c, mu_c, scalars, self.options, float(jnp.finfo(nu.dtype).max))
         nu_out = nu_new.astype(nu.dtype)
         mu_out = None if mu is None or mu_new is None else mu_new.astype(mu.dtype)
         return u, nu_out, mu_out
+
+    def step_stored(
+        self,
+        index: int,
+        g: jax.Array,
+        nu: Any,
+        mu: Any,
+        scalars: _kernel.StepScalars,
+        ct: np.dtype,
+        key: Any,
+        count: jax.Array,
+        grad_bound: Any,
+    ) -> tuple[jax.Array, Any, Any]:
+        """:meth:`step` for memory-efficient storage: ``nu``/``mu`` are ``(values, aux)`` pairs.
+
+        ``index`` is the leaf's position (it separates the leaves' random streams),
+        ``count`` the step count before this update (with ``key``, the randomness of
+        stochastic rounding), ``grad_bound()`` a per-block bound of ``|g|`` for 8-bit
+        buffers. Returns ``u`` in the compute dtype and the new pairs.
+        """
+        return self.storage.normalize(index, g, nu, mu, scalars, self.options, ct, key, count, grad_bound)
+
+
+def _check_zero_eps(decay: Any, eps: Any, initial_scale: Any, centered: bool, bias_correction: bool) -> None:
+    """eps = 0 is allowed where the update is finite; these settings divide by 0 for sure."""
+    e, d, s0 = (_validation.concrete(x) for x in (eps, decay, initial_scale))
+    if e is None or float(e) != 0.0:
+        return
+    if d is not None and float(d) == 1.0 and s0 is not None and float(s0) == 0.0:
+        raise ValueError(
+            "eps=0.0 with decay=1.0 and initial_scale=0.0: S stays 0 forever, so every nonzero "
+            "gradient would be divided by 0. Allowed: eps > 0, decay < 1 or initial_scale > 0."
+        )
+    if centered and (bias_correction or (d is not None and float(d) == 0.0)):
+        why = "bias_correction=True" if bias_correction else "decay=0.0"
+        raise ValueError(
+            f"eps=0.0 with centered=True and {why}: the centered variance is exactly 0 "
+            f"({'on the first step' if bias_correction else 'on every step'}), so the update "
+            "would be g/0. Allowed: eps > 0 with these settings."
+        )
 
 
 class ScalarCache:

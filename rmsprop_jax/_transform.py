@@ -6,7 +6,7 @@ import jax
 import jax.typing
 import optax
 
-from rmsprop_jax import _dtypes
+from rmsprop_jax import _dtypes, _nonfinite, _storage, _validation
 from rmsprop_jax._second_moment import ScalarCache, SecondMoment, new_count, zero_count
 
 
@@ -16,13 +16,21 @@ class ScaleByRmsState(NamedTuple):
     Attributes:
       count: number of updates applied so far (int32 scalar, saturating).
       nu: ``S``, the EMA of |g|^2; same tree and shapes as the parameters, real.
+        With ``stochastic_rounding``, ``state_dtype="int8"`` or ``factored``, a
+        ``StoredBuffer`` whose ``values`` hold that tree (16-bit, 8-bit codes, or row
+        statistics), ``aux`` the block scales or column statistics and ``key`` the
+        rounding key; ``rmsprop_jax.decode_state`` gives the plain tree.
       mu: the EMA of g when ``centered=True``; otherwise ``optax.EmptyState()``,
-        which holds no arrays.
+        which holds no arrays. A ``StoredBuffer`` with ``state_dtype="int8"``.
+      nonfinite_count: steps whose gradients held a NaN or Inf (skipped, or with
+        those entries zeroed), an int32 scalar, when ``on_nonfinite`` is ``"skip"``
+        or ``"zero"``; otherwise ``optax.EmptyState()``.
     """
 
     count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
     nu: optax.Updates
     mu: optax.Updates
+    nonfinite_count: Any = optax.EmptyState()
 
 
 def scale_by_rms(
@@ -34,6 +42,12 @@ def scale_by_rms(
     centered: bool = False,
     bias_correction: bool = False,
     state_dtype: Any = None,
+    on_nonfinite: str = "propagate",
+    stochastic_rounding: bool | None = None,
+    block_size: int | None = None,
+    min_8bit_size: int | None = None,
+    factored: bool = False,
+    rounding_seed: int | None = None,
 ) -> optax.GradientTransformation:
     r"""Rescales updates by the root of an EMA of their squared magnitude.
 
@@ -60,10 +74,26 @@ def scale_by_rms(
     decay 0.9 and eps 1e-8 added outside the square root. The centered variance is
     clamped at zero, so constant gradients never give NaN (optax and PyTorch do in
     float32). With ``eps = 0``, an element whose gradient is zero gets a zero update.
+    A gradient whose square overflows leaves :math:`S` at the largest finite value of
+    its dtype, not at Inf (which would freeze the parameter), and its own update is
+    exact.
+
+    Memory-efficient state. ``stochastic_rounding`` keeps a bfloat16 ``S`` unbiased
+    (with round to nearest, a bfloat16 EMA at decay 0.999 stalls). ``state_dtype="int8"``
+    stores 8-bit codes of a floating-point map with 4 exponent and 4 mantissa bits
+    (code steps of 3-6% down to :math:`6 \cdot 10^{-5}` of the block's largest ``S``; a
+    positive ``S`` never decodes to 0) with one float32 scale per block; ``m`` and the
+    momentum buffer use a signed map. The scale of a block of ``S`` is
+    :math:`\rho A + (1-\rho) M^2`, with :math:`A` its largest stored value and :math:`M`
+    its largest gradient, a bound of the new maximum that costs no second pass.
+    ``factored`` stores :math:`n + m` numbers per :math:`n \times m` matrix. Then ``nu``
+    (and with 8 bits ``mu``) is a :class:`~rmsprop_jax.StoredBuffer`;
+    :func:`~rmsprop_jax.decode_state` returns the plain values.
 
     Arithmetic runs in at least float32; the returned updates have the gradients'
     dtypes. For complex parameters ``S`` is real (the EMA of :math:`|g|^2`) and one
-    denominator scales both parts.
+    denominator scales both parts. ``update`` is one compiled computation whether or not
+    the caller jits it, so eager and jitted results are bitwise identical.
 
     Args:
       decay: :math:`\rho`, in [0, 1], or a schedule of the step count.
@@ -76,7 +106,30 @@ def scale_by_rms(
       bias_correction: divide :math:`S` (and :math:`m`) by :math:`1-\rho^t`, as Adam
         does. Needs a constant decay below 1 and ``initial_scale=0``.
       state_dtype: dtype ``S`` and ``m`` are stored in. ``None``: float32 for 16-bit
-        parameters and the parameter's precision otherwise.
+        parameters and the parameter's precision otherwise. ``"int8"``: 8-bit codes
+        in blocks along the last axis, one float32 scale per block (see below).
+      on_nonfinite: what a step whose gradients hold a NaN or Inf does:
+        ``"propagate"`` (as optax), ``"skip"`` (updates of ``-0.0``, the state kept
+        bit for bit and the step counted in ``nonfinite_count``) or ``"zero"`` (those
+        entries count as zero gradients). ``"skip"`` keeps this transform's state
+        only: use it in :func:`rmsprop`, or wrap a whole chain in
+        ``optax.apply_if_finite``, to skip momentum too.
+      stochastic_rounding: round each stored value up or down at random, with the
+        probabilities that make it unbiased, instead of to nearest. Needs a 16-bit or
+        ``"int8"`` state; ``None``: on for ``"int8"``, off otherwise. The random bits
+        are a hash of the element's index, the step count and a key kept in the state
+        (``rounding_seed``): reproducible, and the same on any device layout.
+      block_size: ``"int8"`` only: the largest number of elements per block. A row
+        of length :math:`n` is split into :math:`\lceil n/B \rceil` equal blocks, so
+        blocks never span rows (nor shards of the leading axes). ``None``: 256.
+      min_8bit_size: ``"int8"`` only: leaves with fewer elements, and scalars, keep the
+        float state of ``state_dtype=None``. ``None``: 4096 (bitsandbytes' default).
+      factored: for leaves with two or more dimensions keep, instead of ``S``, EMAs of
+        the row and column means of :math:`|g|^2` over the last two axes, and use
+        :math:`\hat S_{ij} = r_i c_j / \bar r` (Adafactor's estimator; the rest is
+        RMSprop's). Not with ``centered`` or ``"int8"``.
+      rounding_seed: seed of the stochastic-rounding key, an int in [0, 2**64).
+        ``None``: 0.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByRmsState`.
@@ -101,6 +154,15 @@ def scale_by_rms(
       Graves, `Generating Sequences With Recurrent Neural Networks
       <https://arxiv.org/abs/1308.0850>`_, 2013.
     """
+    storage = _storage.Storage.create(
+        state_dtype=state_dtype,
+        stochastic_rounding=stochastic_rounding,
+        block_size=block_size,
+        min_8bit_size=min_8bit_size,
+        factored=factored,
+        rounding_seed=rounding_seed,
+        centered=centered,
+    )
     sm = SecondMoment.create(
         decay=decay,
         eps=eps,
@@ -108,33 +170,72 @@ def scale_by_rms(
         initial_scale=initial_scale,
         centered=centered,
         bias_correction=bias_correction,
-        state_dtype=state_dtype,
+        state_dtype=storage.float_dtype,
+        storage=storage,
     )
+
+    mode = _nonfinite.check_mode(on_nonfinite)
 
     def init_fn(params: optax.Params) -> ScaleByRmsState:
         nu, mu = sm.init(params)
-        return ScaleByRmsState(count=zero_count(), nu=nu, mu=mu)
+        return ScaleByRmsState(count=zero_count(), nu=nu, mu=mu, nonfinite_count=_nonfinite.init_count(mode))
+
+    def update_step(
+        updates: optax.Updates, state: optax.OptState, decay_t: Any
+    ) -> tuple[optax.Updates, ScaleByRmsState]:
+        state = cast(ScaleByRmsState, state)
+        _nonfinite.check_counter(mode, state.nonfinite_count)
+        treedef, grads, nus, mus = sm.unpack(updates, state.nu, state.mu)
+        gs, all_finite = _nonfinite.screen(mode, [g for _, g in grads])
+        count = new_count(state.count)
+        scalars = ScalarCache(lambda ct: sm.scalars(state.count, count, ct, decay_t))
+
+        out_u, out_nu, out_mu = [], [], []
+        key = state.nu.key if isinstance(state.nu, _storage.StoredBuffer) else None
+        for i, (g, nu, mu) in enumerate(zip(gs, nus, mus, strict=True)):
+            if storage.is_default:
+                ct = _dtypes.compute_dtype(g.dtype, nu.dtype)
+                u, nu_new, mu_new = sm.step(_dtypes.as_compute(g, ct), nu, mu, scalars(ct), ct)
+            else:
+                ct = _dtypes.compute_dtype(g.dtype, nu[0].dtype)
+                u, nu_new, mu_new = sm.step_stored(
+                    i,
+                    _dtypes.as_compute(g, ct),
+                    nu,
+                    mu,
+                    scalars(ct),
+                    ct,
+                    key,
+                    state.count,
+                    lambda g=g: storage.grad_block_bound(g, None, None),
+                )
+            out_u.append(u.astype(g.dtype))
+            out_nu.append(nu_new)
+            out_mu.append(mu_new)
+
+        if storage.is_default:
+            new_nu = jax.tree.unflatten(treedef, out_nu)
+            new_mu = jax.tree.unflatten(treedef, out_mu) if centered else state.mu
+        else:
+            new_nu = _storage.rebuild(state.nu, treedef, out_nu)
+            new_mu = _storage.rebuild(state.mu, treedef, out_mu) if centered else state.mu
+        new_state = ScaleByRmsState(
+            count=count,
+            nu=new_nu,
+            mu=new_mu,
+            nonfinite_count=state.nonfinite_count,
+        )
+        new_state = _nonfinite.skip_state(mode, all_finite, new_state, state)._replace(
+            nonfinite_count=_nonfinite.next_count(mode, state.nonfinite_count, all_finite)
+        )
+        return _nonfinite.skip_updates(mode, all_finite, jax.tree.unflatten(treedef, out_u)), new_state
+
+    step_fn = _validation.compiled(update_step, decay, eps)
 
     def update_fn(
         updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
     ) -> tuple[optax.Updates, ScaleByRmsState]:
         del params
-        state = cast(ScaleByRmsState, state)
-        treedef, grads, nus, mus = sm.unpack(updates, state.nu, state.mu)
-        count = new_count(state.count)
-        scalars = ScalarCache(lambda ct: sm.scalars(state.count, count, ct))
-
-        out_u, out_nu, out_mu = [], [], []
-        for (_, g), nu, mu in zip(grads, nus, mus, strict=True):
-            ct = _dtypes.compute_dtype(g.dtype, nu.dtype)
-            u, nu_new, mu_new = sm.step(_dtypes.as_compute(g, ct), nu, mu, scalars(ct), ct)
-            out_u.append(u.astype(g.dtype))
-            out_nu.append(nu_new)
-            out_mu.append(mu_new)
-
-        new_mu = jax.tree.unflatten(treedef, out_mu) if centered else state.mu
-        return jax.tree.unflatten(treedef, out_u), ScaleByRmsState(
-            count=count, nu=jax.tree.unflatten(treedef, out_nu), mu=new_mu
-        )
+        return step_fn(updates, state, sm.decay_at(cast(ScaleByRmsState, state).count))
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -75,16 +75,26 @@ def flatten_like(tree: Any, reference_treedef: Any, *, name: str, reference_name
     )
 
 
-def check_leaf(grad: Any, state_leaf: Any, path: Any, *, name: str) -> None:
-    """Raises if a gradient leaf cannot be the gradient of the parameter ``state_leaf`` mirrors."""
+def check_leaf(grad: Any, state_leaf: Any, path: Any, *, name: str, kind_leaf: Any = None) -> None:
+    """Raises if a gradient leaf cannot be the gradient of the parameter ``state_leaf`` mirrors.
+
+    ``kind_leaf``, a state leaf that is complex exactly when the parameter is (``mu``
+    or the momentum buffer), if the configuration has one, catches a complex gradient
+    for a real parameter and the reverse.
+    """
     g_shape, s_shape = np.shape(grad), np.shape(state_leaf)
     if g_shape != s_shape:
         raise ValueError(
             f"{name}{path_str(path)} has shape {g_shape} but the optimizer state for "
-            f"that leaf has shape {s_shape}; the gradient must match its parameter."
+            f"that leaf has shape {s_shape}; {name} must have the shapes of the parameters "
+            "the state was built from."
         )
-    dtype = jnp.result_type(grad)
+    dtype = np.dtype(jnp.result_type(grad))
     if not _dtypes.is_float_dtype(dtype):
+        raise TypeError(f"{name}{path_str(path)} has dtype {dtype.name}; {name} must be floating point or complex.")
+    if kind_leaf is not None and (dtype.kind == "c") != (np.dtype(kind_leaf.dtype).kind == "c"):
+        param = "complex" if dtype.kind != "c" else "real"
         raise TypeError(
-            f"{name}{path_str(path)} has dtype {np.dtype(dtype).name}; gradients must be floating point or complex."
+            f"{name}{path_str(path)} has dtype {dtype.name} but the parameter is {param} (its optimizer "
+            f"state is {np.dtype(kind_leaf.dtype).name}); a {param} parameter needs a {param} {name} leaf."
         )

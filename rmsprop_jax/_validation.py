@@ -6,6 +6,7 @@ check would need a host round trip on every step.
 """
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,6 +21,23 @@ def concrete(value: Any) -> np.ndarray | None:
         return np.asarray(value)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return None
+
+
+def compiled(step: Callable[..., Any], *hyperparameters: Any) -> Callable[..., Any]:
+    """``jax.jit(step)`` when every hyperparameter is a Python or NumPy value or a schedule.
+
+    Called eagerly, the update is then still one compiled XLA computation, the same one a
+    caller's ``jax.jit`` traces into: results do not depend on whether the caller jits
+    (XLA contracts ``a * b + c`` into a fused multiply-add, op-by-op execution does not).
+    The checks in ``step`` still run first, while tracing. With ``jax.Array``
+    hyperparameters (``optax.inject_hyperparams`` builds a new optimizer from arrays
+    each step) the step runs as is, to avoid compiling once per step.
+    """
+
+    def static(value: Any) -> bool:
+        return value is None or callable(value) or isinstance(value, bool | int | float | np.ndarray | np.generic)
+
+    return jax.jit(step) if all(static(h) for h in hyperparameters) else step
 
 
 def describe(value: Any) -> str:
@@ -71,19 +89,24 @@ def check_finite(name: str, value: Any) -> None:
         raise ValueError(f"{name}={describe(value)} is not allowed; it must be a finite real number or a schedule.")
 
 
-def check_survives_dtype(decay: Any, eps: Any, dtype: np.dtype, *, explicit: bool) -> None:
+def check_survives_dtype(
+    decay: Any, eps: Any, dtype: np.dtype, *, explicit: bool, stochastic_rounding: bool = False
+) -> None:
     """Raises if ``decay`` rounds to 1 or ``eps`` to 0 in ``dtype``.
 
     bfloat16(0.999) == 1.0 makes an EMA that never forgets; float16(1e-8) == 0 makes
-    eps vanish. Either silently changes the algorithm, so it is an error.
+    eps vanish. Either silently changes the algorithm, so it is an error. With
+    ``stochastic_rounding`` the average is stored without that bias (the decay itself is
+    applied in float32), so only eps is checked.
     """
     source = "state_dtype" if explicit else "the parameters' precision"
     wider = " or a wider state_dtype" if dtype.itemsize < 8 else ""
     d = concrete(decay)
-    if d is not None and float(d) < 1.0 and float(d.astype(dtype)) == 1.0:
+    if not stochastic_rounding and d is not None and float(d) < 1.0 and float(d.astype(dtype)) == 1.0:
+        sr = ", or stochastic_rounding=True" if explicit and dtype.itemsize == 2 else ""
         raise ValueError(
             f"decay={describe(decay)} rounds to 1.0 in the state dtype {dtype.name} (from "
-            f"{source}), so the average would never change; use a smaller decay{wider}."
+            f"{source}), so the average would never change; use a smaller decay{wider}{sr}."
         )
     e = concrete(eps)
     if e is not None and float(e) > 0.0 and float(e.astype(dtype)) == 0.0:

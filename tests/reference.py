@@ -29,6 +29,7 @@ class Config:
     weight_decay: float = 0.0
     decoupled_weight_decay: bool = False
     maximize: bool = False
+    on_nonfinite: str = "propagate"
 
     def kwargs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -46,8 +47,11 @@ def run(
 ) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
     """Runs ``steps`` RMSprop steps in float64 (complex128 for complex params).
 
-    ``grad(theta, t)`` returns the gradient at ``theta`` on step ``t`` (0-based).
-    Returns the parameters after each step and the final state.
+    ``grad(theta, t)`` returns the gradient at ``theta`` on call ``t`` (0-based).
+    Returns the parameters after each call and the final state. ``t`` in the
+    equations (schedules, bias correction) counts the applied steps: with
+    ``on_nonfinite="skip"`` a call whose gradient holds a NaN or Inf changes nothing
+    but ``nonfinite_count``; with ``"zero"`` those entries are zeros.
     """
     c = config
     dtype = np.complex128 if np.iscomplexobj(theta0) else np.float64
@@ -56,20 +60,30 @@ def run(
     m = np.zeros(theta.shape, dtype=dtype)
     b = np.zeros(theta.shape, dtype=dtype)
     trajectory = []
-    for t in range(steps):
+    t = 0  # applied steps so far
+    nonfinite = 0
+    for call in range(steps):
+        g = np.array(grad(theta, call), dtype=dtype)
+        if not np.all(np.isfinite(g)) and c.on_nonfinite != "propagate":
+            nonfinite += 1
+            if c.on_nonfinite == "skip":
+                trajectory.append(theta.copy())
+                continue
+            g = np.where(np.isfinite(g), g, 0)
         eta = _value(c.learning_rate, t)
         rho = _value(c.decay, t)
-        g = np.array(grad(theta, t), dtype=dtype)
         if c.maximize:
             g = -g
         if c.weight_decay and not c.decoupled_weight_decay:
             g = g + c.weight_decay * theta
-        S = rho * S + (1 - rho) * np.abs(g) ** 2
+        with np.errstate(invalid="ignore", over="ignore"):
+            S = rho * S + (1 - rho) * np.abs(g) ** 2
         S_hat = S / (1 - rho ** (t + 1)) if c.bias_correction else S
         if c.centered:
             m = rho * m + (1 - rho) * g
             m_hat = m / (1 - rho ** (t + 1)) if c.bias_correction else m
-            v = np.maximum(S_hat - np.abs(m_hat) ** 2, 0.0)
+            with np.errstate(invalid="ignore", over="ignore"):
+                v = np.maximum(S_hat - np.abs(m_hat) ** 2, 0.0)
         else:
             v = S_hat
         den = np.sqrt(v + c.eps) if c.eps_in_sqrt else np.sqrt(v) + c.eps
@@ -85,9 +99,11 @@ def run(
             delta = eta * (u + c.momentum * b) if c.nesterov else eta * b
         if c.weight_decay and c.decoupled_weight_decay:
             delta = delta + eta * c.weight_decay * theta
-        theta = theta - delta
+        with np.errstate(invalid="ignore"):
+            theta = theta - delta
         trajectory.append(theta.copy())
-    return trajectory, {"nu": S, "mu": m, "trace": b}
+        t += 1
+    return trajectory, {"nu": S, "mu": m, "trace": b, "count": t, "nonfinite_count": nonfinite}
 
 
 def open_loop(grads: Sequence[np.ndarray]) -> Callable[[np.ndarray, int], np.ndarray]:

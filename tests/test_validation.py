@@ -4,6 +4,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -51,7 +52,7 @@ def test_flags_must_be_bools(flag):
     [
         ({"decay": 2.0}, "decay=2.0 is outside the allowed range"),
         ({"eps": -1.0}, "eps=-1.0 is outside the allowed range"),
-        ({"state_dtype": "int8"}, "state_dtype='int8' is not supported"),
+        ({"state_dtype": "int4"}, "state_dtype='int4' is not supported"),
     ],
 )
 def test_scale_by_rms_construction_errors(kwargs, message):
@@ -139,3 +140,117 @@ def test_inject_hyperparams_weight_decay_needs_params():
     state = opt.init(jnp.ones(2))
     with pytest.raises(ValueError, match="weight_decay is a traced value"):
         jax.jit(opt.update)(jnp.ones(2), state)
+
+
+@pytest.mark.parametrize("build", [rmsprop_jax.rmsprop, lambda **kw: rmsprop_jax.scale_by_rms(**kw)])
+@pytest.mark.parametrize("value", ["ignore", "Skip", None, True])
+def test_unknown_on_nonfinite(build, value):
+    kwargs = {"learning_rate": 1e-3} if build is rmsprop_jax.rmsprop else {}
+    with pytest.raises(ValueError, match=re.escape(f"on_nonfinite={value!r} is not supported; allowed: 'propagate'")):
+        build(**kwargs, on_nonfinite=value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"eps": 0.0, "decay": 1.0},
+            "eps=0.0 with decay=1.0 and initial_scale=0.0: S stays 0 forever, so every nonzero gradient "
+            "would be divided by 0. Allowed: eps > 0, decay < 1 or initial_scale > 0.",
+        ),
+        (
+            {"eps": 0.0, "centered": True, "decay": 0.0},
+            "eps=0.0 with centered=True and decay=0.0: the centered variance",
+        ),
+        (
+            {"eps": 0.0, "centered": True, "bias_correction": True},
+            "eps=0.0 with centered=True and bias_correction=True: the centered variance is exactly 0 "
+            "(on the first step)",
+        ),
+    ],
+)
+def test_zero_eps_where_every_step_divides_by_zero(kwargs, message):
+    for build in (
+        rmsprop_jax.rmsprop,
+        lambda **kw: rmsprop_jax.scale_by_rms(**{k: v for k, v in kw.items() if k != "learning_rate"}),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build(learning_rate=1e-3, **kwargs)
+
+
+def test_zero_eps_is_allowed_where_the_update_is_finite():
+    for kwargs in ({"decay": 1.0, "initial_scale": 1.0}, {"centered": True}, {"decay": 0.0}, {"bias_correction": True}):
+        rmsprop_jax.rmsprop(1e-3, eps=0.0, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param", "grad", "message"),
+    [
+        (
+            {"centered": True},
+            jnp.ones(2),
+            jnp.ones(2, jnp.complex64),
+            "updates['w'] has dtype complex64 but the parameter is real (its optimizer state is float32)",
+        ),
+        (
+            {"momentum": 0.9},
+            jnp.ones(2, jnp.complex64),
+            jnp.ones(2),
+            "updates['w'] has dtype float32 but the parameter is complex (its optimizer state is complex64)",
+        ),
+    ],
+)
+def test_complex_and_real_mismatch_names_the_path(kwargs, param, grad, message):
+    opt = rmsprop_jax.rmsprop(1e-3, **kwargs)
+    state = opt.init({"w": param})
+    with pytest.raises(TypeError, match=re.escape(message)):
+        opt.update({"w": grad}, state)
+
+
+def test_params_shape_mismatch_names_the_path():
+    opt = rmsprop_jax.rmsprop(1e-3, weight_decay=0.1)
+    state = opt.init({"w": jnp.ones(3)})
+    with pytest.raises(
+        ValueError, match=re.escape("params['w'] has shape (2,) but the optimizer state for that leaf has shape (3,)")
+    ):
+        opt.update({"w": jnp.ones(3)}, state, {"w": jnp.ones(2)})
+    with pytest.raises(
+        TypeError, match=re.escape("params['w'] has dtype int32; params must be floating point or complex")
+    ):
+        opt.update({"w": jnp.ones(3)}, state, {"w": jnp.ones(3, jnp.int32)})
+
+
+@pytest.mark.parametrize(
+    ("grads", "error"),
+    [
+        ({"a": jnp.ones(2), "w": jnp.ones(3)}, ValueError),
+        ({"w": jnp.ones(2), "b": jnp.ones(2)}, ValueError),
+        ({"w": jnp.ones(3), "b": jnp.ones(2, jnp.int32)}, TypeError),
+    ],
+)
+def test_update_errors_need_no_computation(grads, error):
+    # Raised while tracing: jax.eval_shape runs no computation at all.
+    opt = rmsprop_jax.rmsprop(1e-3, momentum=0.9)
+    state = opt.init({"w": jnp.ones(3), "b": jnp.ones(2)})
+    with pytest.raises(error):
+        jax.eval_shape(opt.update, grads, state)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"state_dtype": "not-a-dtype"}, "state_dtype='not-a-dtype' is not supported; allowed: None"),
+        ({"decay": "0.9"}, "decay must be a real number; got '0.9'"),
+        ({"momentum": 0.5 + 0.1j}, "momentum must be a real number; got (0.5+0.1j)"),
+    ],
+)
+def test_values_of_the_wrong_kind(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        rmsprop_jax.rmsprop(1e-3, **kwargs)
+
+
+def test_there_is_no_16_bit_complex_dtype():
+    from rmsprop_jax import _dtypes
+
+    with pytest.raises(TypeError, match="there is no complex dtype with float16 parts"):
+        _dtypes.complex_dtype(np.dtype("float16"))

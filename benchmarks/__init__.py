@@ -1,0 +1,1 @@
+"""The rmsprop_jax benchmark suite: ``python -m benchmarks.run`` (``make bench``)."""

@@ -1,0 +1,411 @@
+"""The benchmark suite: ``python -m benchmarks.run [--quick]`` (``make bench``).
+
+In one process, interleaved (every contender once per round, in a rotating order),
+for each workload: median and spread of the step time, parameters per second,
+effective bandwidth (20 bytes per float32 parameter: read g, S, θ; write S, θ),
+percent of the measured in-place triad ceiling, and ratios against donated
+``optax.rmsprop`` and ``torch.optim.RMSprop(foreach=True)`` computed round by round.
+Also: compile time against leaf count, optimizer-state bytes and extra memory per
+step, and one full training step of the digits MLP. Results go to
+``benchmarks/results/<date>-<mode>.json``; ``--markdown FILE`` writes the tables.
+
+Runs unchanged on a GPU (JAX's default backend; PyTorch on CUDA when available).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+# PyTorch's OpenMP threads must not spin while JAX runs (they share the cores).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import rmsprop_jax
+from benchmarks import _contenders as C, _harness as H
+
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+BYTES_PER_PARAM = 20  # float32: read g, S, theta; write S, theta
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- ceiling
+
+
+def jax_triad(n: int, name: str = "jax_triad") -> H.Contender:
+    """``b += 0.5 * c`` on ``n`` float32, jitted with ``b`` donated: 12 bytes per element."""
+    c_arr = jnp.ones(n, jnp.float32)
+    triad = jax.jit(lambda b, c: b + 0.5 * c, donate_argnums=(0,))
+    return H.Contender(name, lambda: jnp.ones(n, jnp.float32), lambda b: triad(b, c_arr), jax.block_until_ready)
+
+
+def measure_ceiling(n: int, rounds: int, target_s: float) -> dict[str, Any]:
+    """The in-place triad ``b += s * c``: jitted with donation, and NumPy (blocked, one thread)."""
+    contenders = [jax_triad(n)]
+    if jax.default_backend() == "cpu":
+        cn = np.ones(n, np.float32)
+        tmp = np.empty(1 << 16, np.float32)
+
+        def np_step(b: np.ndarray) -> np.ndarray:
+            for i in range(0, n, tmp.size):
+                k = min(tmp.size, n - i)
+                np.multiply(cn[i : i + k], np.float32(0.5), out=tmp[:k])
+                np.add(b[i : i + k], tmp[:k], out=b[i : i + k])
+            return b
+
+        contenders.append(H.Contender("numpy_triad", lambda: np.ones(n, np.float32), np_step, lambda b: None))
+    times = H.run_interleaved(contenders, rounds, target_s, log=log)
+    out: dict[str, Any] = {"n": n, "bytes_per_element": 12}
+    for name, ts in times.items():
+        q = H.quantiles(ts)
+        out[name] = {**q, "gbps": 12 * n / q["median"] / 1e9}
+    out["ceiling_gbps"] = max(out[k]["gbps"] for k in times)
+    return out
+
+
+# ----------------------------------------------------------------------------- workloads
+
+
+def step_workload(
+    title: str,
+    params_np: Any,
+    grads_np: Any,
+    rounds: int,
+    target_s: float,
+    ceiling: float,
+    extra: tuple[str, ...] = (),
+    with_torch: bool = True,  # False when torch is not installed
+) -> dict[str, Any]:
+    import optax
+
+    params, grads = C.to_jax(params_np), C.to_jax(grads_np)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    leaves = len(jax.tree.leaves(params))
+    log(f"\n== {title}: {n:,} float32 parameters in {leaves} leaves")
+    cs = [
+        C.jax_tree("optax", C.optax_opt(), params, grads),
+        C.jax_tree("ours_tree", C.ours_opt(), params, grads),
+        C.jax_flat("ours_flat", C.ours_opt(), params, grads),
+    ]
+    if "optax_nodonate" in extra:
+        cs.append(C.jax_tree("optax_nodonate", C.optax_opt(), params, grads, donate=False))
+    if "optax_flat" in extra:
+        flat_p, _ = rmsprop_jax.flatten_params(params)
+        flat_g, _ = rmsprop_jax.flatten_params(grads)
+        cs.append(C.jax_tree("optax_flat", optax.rmsprop(C.LR, C.DECAY, C.EPS), flat_p, flat_g))
+    if "flat_packed_optax" in extra:
+        cs.append(C.jax_flat("flat_packed_optax", C.optax_opt(), params, grads, pack=True))
+    if with_torch:
+        p_list = [np.asarray(x) for x in jax.tree.leaves(params_np)]
+        g_t = C.torch_grads([np.asarray(x) for x in jax.tree.leaves(grads_np)])
+        cs.append(C.torch_rmsprop("torch_foreach", p_list, g_t, foreach=True))
+        if "torch_for" in extra:
+            cs.append(C.torch_rmsprop("torch_for", p_list, g_t, foreach=False))
+    # The triad on the same number of floats runs in the same rounds: the percent of the
+    # ceiling is computed round by round, so a machine that slows down (other jobs on
+    # shared cores) moves both.
+    load0 = H.loadavg()
+    times = H.run_interleaved([*cs, jax_triad(n, "triad")], rounds, target_s, log=log)
+    triad_times = times.pop("triad")
+    triad = H.quantiles(triad_times)
+    vs_optax = H.ratios(times, "optax")
+    vs_torch = H.ratios(times, "torch_foreach")
+    result: dict[str, Any] = {
+        "title": title,
+        "n_params": n,
+        "leaves": leaves,
+        "loadavg": [load0, H.loadavg()],
+        "triad": {**triad, "times": triad_times, "gbps": 12 * n / triad["median"] / 1e9},
+        "ceiling_gbps_64m": ceiling,
+    }
+    rows = {}
+    for c in cs:
+        q = H.quantiles(times[c.name])
+        gbps = BYTES_PER_PARAM * n / q["median"] / 1e9
+        pct = [100 * (BYTES_PER_PARAM / t) / (12 / tt) for t, tt in zip(times[c.name], triad_times, strict=True)]
+        rows[c.name] = {
+            **q,
+            "times": times[c.name],
+            "params_per_s": n / q["median"],
+            "effective_gbps": gbps,
+            "pct_ceiling": H.median(pct),
+            "pct_ceiling_64m": 100 * gbps / ceiling,
+            "vs_optax": vs_optax.get(c.name),
+            "vs_torch": vs_torch.get(c.name),
+            "info": c.info,
+        }
+    result["contenders"] = rows
+    print_table(result)
+    return result
+
+
+def mlp_workload(rounds: int, target_s: float, steps: int) -> dict[str, Any]:
+    log(f"\n== digits MLP 64-64-10, batch 64: one full training step ({steps} per jitted scan)")
+    cs = [
+        C.mlp_contender("optax", C.optax_opt(), "tree", steps),
+        C.mlp_contender("ours_tree", C.ours_opt(), "tree", steps),
+        C.mlp_contender("ours_flat", C.ours_opt(), "flat", steps),
+    ]
+    times = H.run_interleaved(cs, rounds, target_s, log=log)
+    times = {k: [t / steps for t in v] for k, v in times.items()}
+    vs_optax = H.ratios(times, "optax")
+    rows = {c.name: {**H.quantiles(times[c.name]), "times": times[c.name], "vs_optax": vs_optax[c.name]} for c in cs}
+    for name, r in rows.items():
+        log(
+            f"  {name:16s} {H.fmt_time(r['median']):>10s} per step  "
+            f"[{H.fmt_time(r['q1'])}-{H.fmt_time(r['q3'])}]  vs optax {H.fmt_ratio(r['vs_optax'])}"
+        )
+    return {"title": "digits MLP step", "steps_per_call": steps, "contenders": rows}
+
+
+def print_table(result: dict[str, Any]) -> None:
+    log(
+        f"  {'contender':18s} {'median':>10s} {'[q1 - q3]':>21s} {'Mparam/s':>9s} {'GB/s':>6s} {'%ceil':>6s}  "
+        f"{'vs optax':>18s}  {'vs torch':>18s}  bytes/param  extra/step"
+    )
+    tr = result["triad"]
+    log(f"  {'(triad, same n)':18s} {H.fmt_time(tr['median']):>10s} {'':21s} {'':9s} {tr['gbps']:6.1f}   100%")
+    for name, r in result["contenders"].items():
+        info = r["info"]
+        bpp = info.get("bytes_accessed_per_param")
+        extra = info.get("extra_bytes_per_step")
+        spread = f"[{H.fmt_time(r['q1'])} - {H.fmt_time(r['q3'])}]"
+        log(
+            f"  {name:18s} {H.fmt_time(r['median']):>10s} {spread:>21s} "
+            f"{r['params_per_s'] / 1e6:9.0f} {r['effective_gbps']:6.1f} {r['pct_ceiling']:5.0f}%  "
+            f"{H.fmt_ratio(r['vs_optax']):>18s}  {H.fmt_ratio(r['vs_torch']):>18s}  "
+            f"{'-' if bpp is None else f'{bpp:.1f}':>11s}  {'-' if extra is None else f'{extra / 2**20:.1f} MiB':>10s}"
+        )
+
+
+# ----------------------------------------------------------------------------- compile time
+
+
+def compile_probe(lib: str, n_leaves: int) -> dict[str, Any]:
+    """Trace + lower and compile times of one optimizer step on ``n_leaves`` leaves of 32x32."""
+    import optax
+
+    params = {f"w{i:05d}": jnp.zeros((32, 32), jnp.float32) for i in range(n_leaves)}
+    opt = C.optax_opt() if lib == "optax" else C.ours_opt()
+    out: dict[str, Any] = {"lib": lib, "leaves": n_leaves}
+    if lib == "ours_flat":
+        t0 = time.perf_counter()
+        fs = rmsprop_jax.flat_init(opt, params)
+        out["init_s"] = time.perf_counter() - t0
+        g, _ = rmsprop_jax.flatten_params(params)
+        fn = jax.jit(lambda g, fs: rmsprop_jax.flat_apply(opt, g, fs), donate_argnums=(1,))
+        args: tuple[Any, ...] = (g, fs)
+    else:
+
+        def step(p: Any, s: Any, g: Any) -> Any:
+            u, s = opt.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        fn = jax.jit(step, donate_argnums=(0, 1))
+        args = (params, opt.init(params), params)
+    t0 = time.perf_counter()
+    lowered = fn.lower(*args)
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2 = time.perf_counter()
+    out.update(lower_s=t1 - t0, compile_s=t2 - t1, total_s=t2 - t0)
+    return out
+
+
+def compile_workload(leaf_counts: list[int], timeout: float | None) -> dict[str, Any]:
+    log(f"\n== compile time of one optimizer step against leaf count (leaves of 32x32 float32; cap {timeout} s)")
+    rows = []
+    for n in leaf_counts:
+        for lib in ("optax", "ours_tree", "ours_flat"):
+            if timeout is None:
+                r = compile_probe(lib, n)
+            else:
+                cmd = [sys.executable, "-m", "benchmarks.run", "--compile-probe", f"{lib}:{n}"]
+                root = pathlib.Path(__file__).resolve().parents[1]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root, check=True)
+                    r = json.loads(proc.stdout.strip().splitlines()[-1])
+                except subprocess.TimeoutExpired:
+                    r = {"lib": lib, "leaves": n, "timeout_s": timeout}
+            rows.append(r)
+            shown = f">{timeout:.0f} s (cap)" if "timeout_s" in r else f"{r['total_s']:.2f} s"
+            extra = f"  (flat_init {r['init_s']:.2f} s)" if "init_s" in r else ""
+            log(f"  {n:5d} leaves  {lib:10s} {shown}{extra}")
+    return {"rows": rows, "timeout_s": timeout}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["meta"]
+    ceil = results["ceiling"]
+    lines = [
+        f"Machine: {m['cpu']} ({m['cpu_count']} cores, {m['memory_gib']} GiB), JAX {m['jax']} on "
+        f"{m['jax_backend']} ({m['jax_device']}), optax {m['optax']}, torch {m['torch']}; {m['date']}; "
+        f"mode {m['mode']}; load average at start {m['loadavg_start']}.",
+        "",
+        f"Ceiling (in-place triad on {ceil['n']:,} floats, 12 bytes/element): "
+        + ", ".join(f"{k} {v['gbps']:.1f} GB/s" for k, v in ceil.items() if isinstance(v, dict))
+        + f"; ceiling used: {ceil['ceiling_gbps']:.1f} GB/s.",
+        "",
+    ]
+    for w in results["workloads"]:
+        if "n_params" not in w:
+            continue
+        lines += [
+            f"**{w['title']}** ({w['n_params']:,} params, {w['leaves']} leaves; the in-place triad on as many "
+            f"floats, in the same rounds: {w['triad']['gbps']:.1f} GB/s, the 100% of the % ceiling column)",
+            "",
+            "| contender | median step | [q1, q3] | params/s | GB/s (20 B/param) | % ceiling | vs optax | vs torch "
+            "| bytes/param (XLA) | extra memory/step |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, r in w["contenders"].items():
+            info = r["info"]
+            bpp = info.get("bytes_accessed_per_param")
+            extra = info.get("extra_bytes_per_step")
+            lines.append(
+                f"| {name} | {H.fmt_time(r['median'])} | {H.fmt_time(r['q1'])}, {H.fmt_time(r['q3'])} | "
+                f"{r['params_per_s'] / 1e6:.0f} M | {r['effective_gbps']:.1f} | {r['pct_ceiling']:.0f}% | "
+                f"{H.fmt_ratio(r['vs_optax'])} | {H.fmt_ratio(r['vs_torch'])} | "
+                f"{'-' if bpp is None else f'{bpp:.1f}'} | {'-' if extra is None else f'{extra / 2**20:.1f} MiB'} |"
+            )
+        lines.append("")
+    for w in results["workloads"]:
+        if w.get("title") == "digits MLP step":
+            lines += ["**digits MLP, one training step** (forward, backward, update; batch 64)", ""]
+            lines += ["| contender | median step | [q1, q3] | vs optax |", "| --- | --- | --- | --- |"]
+            for name, r in w["contenders"].items():
+                lines.append(
+                    f"| {name} | {H.fmt_time(r['median'])} | {H.fmt_time(r['q1'])}, {H.fmt_time(r['q3'])} "
+                    f"| {H.fmt_ratio(r['vs_optax'])} |"
+                )
+            lines.append("")
+    comp = results.get("compile")
+    if comp:
+        counts = sorted({r["leaves"] for r in comp["rows"]})
+        lines += ["**Compile time of one optimizer step** (trace + lower + compile)", ""]
+        lines += ["| leaves | " + " | ".join(str(c) for c in counts) + " |", "| --- |" + " --- |" * len(counts)]
+        for lib in ("optax", "ours_tree", "ours_flat"):
+            cells = []
+            for c in counts:
+                r = next(x for x in comp["rows"] if x["lib"] == lib and x["leaves"] == c)
+                cells.append(f"> {r['timeout_s']:.0f} s (cap)" if "timeout_s" in r else f"{r['total_s']:.2f} s")
+            lines.append(f"| {lib} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller workloads and fewer rounds (under a minute)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds per workload (default 15; quick 5)"
+    )
+    parser.add_argument(
+        "--only", default=None, help="comma-separated workloads: ceiling,arrays,leaves,transformer,mlp,compile"
+    )
+    parser.add_argument(
+        "--out", type=pathlib.Path, default=None, help="JSON path (default benchmarks/results/<date>-<mode>.json)"
+    )
+    parser.add_argument(
+        "--markdown", type=pathlib.Path, default=None, help="also write the summary tables to this file"
+    )
+    parser.add_argument("--compile-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.compile_probe:
+        lib, n = args.compile_probe.split(":")
+        print(json.dumps(compile_probe(lib, int(n))))
+        return 0
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be >= 1; got {args.rounds}")
+    allowed = {"ceiling", "arrays", "leaves", "transformer", "mlp", "compile"}
+    only = set(allowed if args.only is None else args.only.split(","))
+    if not only <= allowed:
+        parser.error(f"--only: unknown workload(s) {sorted(only - allowed)}; allowed: {', '.join(sorted(allowed))}")
+
+    quick = args.quick
+    rounds = args.rounds or (5 if quick else 15)
+    target = 0.01 if quick else 0.05
+    t_start = time.perf_counter()
+    meta = H.machine_info()
+    meta["mode"] = "quick" if quick else "full"
+    meta["rounds"] = rounds
+    try:
+        import torch
+    except ImportError:  # the `benchmarks` extra installs it; without it the torch rows are skipped
+        torch = None
+    meta["torch_device"] = None if torch is None else C.torch_device()
+    meta["torch_threads"] = None if torch is None else torch.get_num_threads()
+    log(
+        f"rmsprop_jax benchmarks ({meta['mode']}): {meta['cpu']}, {meta['cpu_count']} cores, JAX {meta['jax']} "
+        f"on {meta['jax_backend']} ({meta['jax_device']}), torch {meta['torch']} on {meta['torch_device']}, "
+        f"load average {meta['loadavg_start']}"
+    )
+
+    results: dict[str, Any] = {"meta": meta, "workloads": []}
+    n_ceiling = (16 << 20) if quick else (64 << 20)
+    log(f"\n== ceiling: in-place triad b += s*c on {n_ceiling:,} float32")
+    results["ceiling"] = ceiling = measure_ceiling(n_ceiling, rounds, target)
+    for k, v in ceiling.items():
+        if isinstance(v, dict):
+            log(f"  {k:12s} {H.fmt_time(v['median'])}  {v['gbps']:.1f} GB/s")
+    ceil = ceiling["ceiling_gbps"]
+
+    if "arrays" in only:
+        sizes = [4 << 20] if quick else [16 << 20, 64 << 20]
+        for n in sizes:
+            p, g = C.array_params(n)
+            extra = () if quick else ("optax_nodonate", "torch_for", "flat_packed_optax")
+            results["workloads"].append(
+                step_workload(f"one array of {n >> 20}M", p, g, rounds, target, ceil, extra, torch is not None)
+            )
+            del p, g
+    if "leaves" in only:
+        n_leaves = 500 if quick else 2000
+        p, g = C.leaves_params(n_leaves, 4096)
+        results["workloads"].append(
+            step_workload(f"{n_leaves} leaves x 4096", p, g, rounds, target, ceil, ("optax_flat",), torch is not None)
+        )
+        del p, g
+    if "transformer" in only:
+        layers = 4 if quick else 12
+        p, g = C.transformer_params(layers)
+        results["workloads"].append(
+            step_workload(f"transformer-like tree, {layers} layers", p, g, rounds, target, ceil, (), torch is not None)
+        )
+        del p, g
+    if "mlp" in only:
+        results["workloads"].append(mlp_workload(rounds, target, steps=20 if quick else 100))
+    if "compile" in only:
+        counts = [10, 100] if quick else [10, 100, 1000, 5000]
+        results["compile"] = compile_workload(counts, None if quick else 240.0)
+
+    meta["loadavg_end"] = H.loadavg()
+    meta["wall_s"] = time.perf_counter() - t_start
+    out = args.out or RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}-{meta['mode']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=str))
+    log(f"\nwrote {out} ({meta['wall_s']:.0f} s; load average at end {meta['loadavg_end']})")
+    if args.markdown:
+        args.markdown.write_text(markdown(results) + "\n")
+        log(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+r"""Stochastic rounding to 16-bit floats, with randomness that is a pure function of the state.
+
+Round-to-nearest freezes a low-precision EMA: with decay :math:`\rho` the change
+:math:`(1-\rho)(g^2 - S)` is lost whenever it is below half a unit in the last place of
+:math:`S`. In bfloat16 (8 significant bits) and :math:`\rho = 0.999` that is every change
+with :math:`|g^2/S - 1| < 2`, so ``S`` stays where it is. Stochastic rounding rounds
+:math:`x` up to the next representable value :math:`\lceil x \rceil` with probability
+:math:`(x - \lfloor x \rfloor) / (\lceil x \rceil - \lfloor x \rfloor)` and down otherwise,
+so :math:`\mathbb{E}[\mathrm{round}(x)] = x` and the EMA is unbiased.
+
+The random bits come from :func:`random_bits`: a counter-based hash of the element's
+index, a key kept in the optimizer state, the step count and a per-buffer salt. They
+are reproducible (the same state and step give the same bits, on any device layout: the
+index is the global one) and cheap (a few integer operations per element, against
+tens for ``jax.random.bits``' threefry, which would dominate the optimizer step on CPU).
+"""
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+KEY_SHAPE = (2,)
+KEY_DTYPE = np.dtype(np.uint32)
+
+
+def _u32(x: int) -> jax.Array:
+    return jnp.asarray(x & 0xFFFFFFFF, jnp.uint32)
+
+
+def _mix(x: jax.Array) -> jax.Array:
+    """A bijective 32-bit avalanche hash (Wellons' ``lowbias32``): every input bit flips each output bit w.p. ~1/2."""
+    x = x ^ (x >> _u32(16))
+    x = x * _u32(0x7FEB352D)
+    x = x ^ (x >> _u32(15))
+    x = x * _u32(0x846CA68B)
+    return x ^ (x >> _u32(16))
+
+
+def new_key(seed: int) -> jax.Array:
+    """The state's key for an integer ``seed``: two uint32 words (a raw key, checkpointable as is)."""
+    s = int(seed)
+    return jnp.asarray([s & 0xFFFFFFFF, (s >> 32) & 0xFFFFFFFF], jnp.uint32)
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """The row-major index of every element, as uint32 (wrapping above 2**32 elements)."""
+    return jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+
+
+def random_bits(key: jax.Array, count: jax.Array, salt: int, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform uint32 bits of ``shape``, a pure function of ``(key, count, salt)`` and the index.
+
+    The scalars are hashed into one 32-bit seed per call; each element's bits are the
+    hash of its row-major index XOR that seed (one bijective avalanche hash, so that
+    the cost per element is a handful of integer operations).
+
+    Args:
+      key: the state's key, uint32 of shape ``(2,)`` (see :func:`new_key`).
+      count: the step count (an integer scalar, possibly traced); each step gets new bits.
+      salt: a static integer that separates streams within one step (one per buffer
+        and leaf), so that the roundings of different buffers are independent.
+      shape: the shape of the array to round.
+
+    Returns:
+      A uint32 array of ``shape``.
+    """
+    key = jnp.asarray(key, jnp.uint32)
+    c = jnp.asarray(count).astype(jnp.uint32)
+    seed = _mix(key[0] ^ _mix(c ^ _mix(_u32(salt) ^ _mix(key[1] ^ _u32(0x9E3779B9)))))
+    return _element_hash(_flat_index(shape) ^ seed)
+
+
+def _element_hash(x: jax.Array) -> jax.Array:
+    """Two multiply-xorshift rounds: high bits that depend on every input bit (the rounding uses the high bits)."""
+    x = x * _u32(0x7FEB352D)
+    x = x ^ (x >> _u32(15))
+    return x * _u32(0x846CA68B)
+
+
+def round_stochastic(x: jax.Array, dtype: Any, bits: jax.Array, *, saturate: bool = True) -> jax.Array:
+    r"""Rounds the float32 (or float64) ``x`` to ``dtype`` (bfloat16 or float16) stochastically.
+
+    Each element is rounded to one of the two ``dtype`` values around it, up (in
+    magnitude) with probability equal to its distance from the lower one in units of
+    their gap, so the result is unbiased: :math:`\mathbb{E}[\mathrm{round}(x)] = x`.
+    Values the target represents exactly are unchanged.
+
+    Args:
+      x: a real float32 or float64 array.
+      dtype: ``jnp.bfloat16`` or ``jnp.float16``.
+      bits: uniform uint32 bits shaped like ``x``, from :func:`random_bits`.
+      saturate: clip ``x`` to the target's finite range first, so that a finite value
+        (or ``inf``) beyond it becomes the largest finite value, as a stored state must.
+        ``False`` is for callers that already saturated ``x``; it skips two operations.
+        ``NaN`` stays ``NaN`` either way.
+
+    Returns:
+      ``x`` rounded to ``dtype``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from rmsprop_jax import _stochastic_rounding as sr
+      >>> x = jnp.full(100_000, 1.0 + 2.0**-9, jnp.float32)  # a quarter of the way from 1 to 1 + 2**-7
+      >>> bits = sr.random_bits(sr.new_key(0), jnp.int32(0), 0, x.shape)
+      >>> y = sr.round_stochastic(x, jnp.bfloat16, bits).astype(jnp.float32)
+      >>> sorted(set(y.tolist())), round(float(jnp.mean(y > 1.0)), 2)  # rounded up a quarter of the time
+      ([1.0, 1.0078125], 0.25)
+      >>> float(x[0].astype(jnp.bfloat16))  # round to nearest loses the increment every time
+      1.0
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16)):
+        raise TypeError(f"stochastic rounding targets bfloat16 or float16; got {dtype.name}.")
+    if saturate:
+        big = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, jnp.asarray(-big, x.dtype), jnp.asarray(big, x.dtype))
+    if dtype == np.dtype(jnp.bfloat16):
+        return _round_bf16(x.astype(jnp.float32), bits)
+    return _round_generic(x, dtype, bits)
+
+
+def _round_bf16(x: jax.Array, bits: jax.Array) -> jax.Array:
+    """bfloat16 is the top half of a float32: add 16 random bits to the bottom half and keep the top.
+
+    Adding ``r`` uniform in [0, 2**16) to the low half carries into the kept half with
+    probability (low half) / 2**16, the fraction of the gap: the textbook trick, for
+    either sign. ``inf`` and XLA's canonical ``NaN`` (low half zero) are unchanged; a finite
+    value above the largest bfloat16 may carry into ``inf`` (hence ``saturate``).
+    """
+    raw = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    top = ((raw + (bits >> _u32(16))) >> _u32(16)).astype(jnp.uint16)
+    return jax.lax.bitcast_convert_type(top, jnp.bfloat16)
+
+
+def _round_generic(x: jax.Array, dtype: np.dtype, bits: jax.Array) -> jax.Array:
+    """Any narrower float format: find the neighbours with ``nextafter`` and pick one."""
+    wide = x.dtype
+    nearest = x.astype(dtype)
+    up = jnp.nextafter(nearest, jnp.asarray(np.inf, dtype))
+    down = jnp.nextafter(nearest, jnp.asarray(-np.inf, dtype))
+    n_wide = nearest.astype(wide)
+    lo = jnp.where(n_wide <= x, nearest, down)
+    hi = jnp.where(n_wide <= x, up, nearest)
+    lo_w, hi_w = lo.astype(wide), hi.astype(wide)
+    gap = hi_w - lo_w
+    frac = jnp.where(gap > 0, (x - lo_w) / jnp.where(gap > 0, gap, jnp.ones_like(gap)), jnp.zeros_like(gap))
+    # 24 random bits give a uniform in [0, 1) with gaps of 2**-24, finer than any float16 fraction.
+    u = (bits >> _u32(8)).astype(wide) * jnp.asarray(2.0**-24, wide)
+    y = jnp.where(u < frac, hi, lo)
+    y = jnp.where(n_wide == x, nearest, y)  # exactly representable (also 0, inf): unchanged
+    return jnp.where(jnp.isnan(x), nearest, y)
