@@ -58,3 +58,12 @@ def standard_promotion(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+DIGITS_BATCH = 128
+
+
+def digits_batch(data: Any, t: int, size: int = DIGITS_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """The ``t``-th training batch of the digits data, cycling through the training split."""
+    i = (t * size) % (len(data.y_train) - size)
+    return data.x_train[i : i + size], data.y_train[i : i + size]

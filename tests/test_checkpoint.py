@@ -18,9 +18,10 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P, SingleDevi
 
 import rmsprop_jax
 from rmsprop_jax import _digits
+from tests.helpers import DIGITS_BATCH, digits_batch
 
 
-BATCH = 128
+BATCH = DIGITS_BATCH
 
 
 def optimizer() -> optax.GradientTransformation:
@@ -35,16 +36,6 @@ def mesh(shape: tuple[int, ...], names: tuple[str, ...]) -> jax.sharding.Mesh:
 
 
 FSDP = [{"w": P("data", None), "b": P("data")}, {"w": P("data", None), "b": P()}]
-
-
-@pytest.fixture(scope="module")
-def data() -> _digits.Split:
-    return _digits.load()
-
-
-def batch(data: _digits.Split, t: int) -> tuple[np.ndarray, np.ndarray]:
-    i = (t * BATCH) % (len(data.y_train) - BATCH)
-    return data.x_train[i : i + BATCH], data.y_train[i : i + BATCH]
 
 
 def make_step(opt: optax.GradientTransformation, params: Any, state: Any) -> Any:
@@ -81,7 +72,7 @@ def trained(data, layout: str, steps: int = 5) -> tuple[jax.sharding.Mesh, Any]:
     m, opt, params, state = fsdp_setup(layout)
     step = make_step(opt, params, state)
     for t in range(steps):
-        params, state = step(params, state, *batch(data, t))
+        params, state = step(params, state, *digits_batch(data, t))
     return m, {"params": params, "opt_state": state}
 
 
@@ -144,14 +135,14 @@ def test_resume_follows_the_uninterrupted_trajectory(data, tmp_path):
     step = make_step(opt, params, state)
     uninterrupted = []
     for t in range(total):
-        params, state = step(params, state, *batch(data, t))
+        params, state = step(params, state, *digits_batch(data, t))
         uninterrupted.append(jax.tree.map(np.asarray, params))
 
     options = ocp.CheckpointManagerOptions(max_to_keep=2)
     with ocp.CheckpointManager(tmp_path / "run", options=options) as manager:
         _, opt, params, state = fsdp_setup("fsdp")
         for t in range(stop_at):
-            params, state = step(params, state, *batch(data, t))
+            params, state = step(params, state, *digits_batch(data, t))
         manager.save(stop_at, args=ocp.args.StandardSave({"params": params, "opt_state": state}))
         manager.wait_until_finished()
         target = abstract_like({"params": params, "opt_state": state}, lambda a: a.sharding)
@@ -165,13 +156,13 @@ def test_resume_follows_the_uninterrupted_trajectory(data, tmp_path):
     params, state = restored["params"], restored["opt_state"]
     resumed = []
     for t in range(stop_at, total):
-        params, state = step(params, state, *batch(data, t))
+        params, state = step(params, state, *digits_batch(data, t))
         resumed.append(jax.tree.map(np.asarray, params))
     chex.assert_trees_all_equal(resumed, uninterrupted[stop_at:])
 
     # The comparison is sharp: resuming with a fresh optimizer state (same parameters)
     # leaves the trajectory at the first step.
     params, fresh = restored["params"], jax.jit(opt.init)(restored["params"])
-    params, _ = step(params, fresh, *batch(data, stop_at))
+    params, _ = step(params, fresh, *digits_batch(data, stop_at))
     with pytest.raises(AssertionError):
         chex.assert_trees_all_equal(jax.tree.map(np.asarray, params), uninterrupted[stop_at])

@@ -21,21 +21,11 @@ from jax.flatten_util import ravel_pytree
 import rmsprop_jax
 from rmsprop_jax import _digits
 from tests import reference
-from tests.helpers import standard_promotion
+from tests.helpers import DIGITS_BATCH, digits_batch, standard_promotion
 
 
-BATCH = 128
+BATCH = DIGITS_BATCH
 CONFIG = {"learning_rate": 3e-3, "decay": 0.9, "centered": True, "momentum": 0.5, "weight_decay": 1e-4}
-
-
-@pytest.fixture(scope="module")
-def data() -> _digits.Split:
-    return _digits.load()
-
-
-def batch(data: _digits.Split, t: int) -> tuple[np.ndarray, np.ndarray]:
-    i = (t * BATCH) % (len(data.y_train) - BATCH)
-    return data.x_train[i : i + BATCH], data.y_train[i : i + BATCH]
 
 
 def held_out_accuracy(params: Any, data: _digits.Split) -> float:
@@ -54,7 +44,7 @@ def train_plain(params: Any, data: _digits.Split, steps: int, opt: optax.Gradien
     state = opt.init(params)
     out = []
     for t in range(steps):
-        params, state = step(params, state, *batch(data, t))
+        params, state = step(params, state, *digits_batch(data, t))
         out.append(params)
     return out
 
@@ -71,7 +61,7 @@ def test_plain_pytrees_match_float64_reference(data):
     ref, _ = reference.run(
         reference.Config(**CONFIG),
         np.asarray(flat0, np.float64),
-        lambda theta, t: np.asarray(grad_fn(jnp.asarray(theta, jnp.float32), *batch(data, t)), np.float64),
+        lambda theta, t: np.asarray(grad_fn(jnp.asarray(theta, jnp.float32), *digits_batch(data, t)), np.float64),
         steps,
     )
     for t in (0, 9, steps - 1):
@@ -108,7 +98,7 @@ def test_flax_nnx_optimizer(data):
         return loss
 
     for t in range(steps):
-        step(model, optimizer, *batch(data, t))
+        step(model, optimizer, *digits_batch(data, t))
 
     # The optimizer state is rmsprop_jax's, mirroring the nnx.Param tree.
     opt_state = nnx.as_pure(optimizer.opt_state)
@@ -144,7 +134,7 @@ def test_equinox_filter_and_apply_updates(data):
         return eqx.apply_updates(model, updates), opt_state
 
     for t in range(steps):
-        model, opt_state = step(model, opt_state, *batch(data, t))
+        model, opt_state = step(model, opt_state, *digits_batch(data, t))
 
     assert int(opt_state.count) == steps
     assert model.activation is jnp.tanh
@@ -171,7 +161,7 @@ def test_inject_hyperparams_logs_and_changes_hyperparameters(data):
         if t == switch:  # e.g. a plateau: smaller steps and a longer average
             state.hyperparams["learning_rate"] = jnp.asarray(1e-3, jnp.float32)
             state.hyperparams["decay"] = jnp.asarray(0.99, jnp.float32)
-        params, state, loss = step(params, state, *batch(data, t))
+        params, state, loss = step(params, state, *digits_batch(data, t))
         log.append({name: float(value) for name, value in state.hyperparams.items()} | {"loss": float(loss)})
 
     assert [round(r["learning_rate"], 9) for r in log] == [3e-3] * switch + [1e-3] * (steps - switch)
@@ -188,7 +178,7 @@ def test_inject_hyperparams_logs_and_changes_hyperparameters(data):
             momentum=0.5,
         ),
         np.asarray(flat0, np.float64),
-        lambda theta, t: np.asarray(grad_fn(jnp.asarray(theta, jnp.float32), *batch(data, t)), np.float64),
+        lambda theta, t: np.asarray(grad_fn(jnp.asarray(theta, jnp.float32), *digits_batch(data, t)), np.float64),
         steps,
     )
     np.testing.assert_allclose(np.asarray(ravel_pytree(params)[0]), ref[-1], rtol=1e-4, atol=2e-5)
@@ -211,7 +201,7 @@ def test_multisteps_gradient_accumulation(k, data):
     params, state = params0, opt.init(params0)
     accumulated = []
     for t in range(outer_steps):
-        x, y = batch(data, t)
+        x, y = digits_batch(data, t)
         for i in range(k):
             before = params
             rows = slice(i * BATCH // k, (i + 1) * BATCH // k)

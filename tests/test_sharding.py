@@ -22,11 +22,12 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import rmsprop_jax
 from rmsprop_jax import _digits
+from tests.helpers import DIGITS_BATCH, digits_batch
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 10
-BATCH = 128
+BATCH = DIGITS_BATCH
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # float32, reductions summed in another order
 
 
@@ -60,16 +61,6 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
     }
 
 
-@pytest.fixture(scope="module")
-def data() -> _digits.Split:
-    return _digits.load()
-
-
-def batch(data: _digits.Split, t: int) -> tuple[np.ndarray, np.ndarray]:
-    i = (t * BATCH) % (len(data.y_train) - BATCH)
-    return data.x_train[i : i + BATCH], data.y_train[i : i + BATCH]
-
-
 def make_step(opt: optax.GradientTransformation, **jit_kwargs: Any) -> Any:
     def step(params, state, x, y):
         loss, grads = jax.value_and_grad(_digits.loss)(params, x, y)
@@ -84,7 +75,7 @@ def train(opt, params, data, batch_sharding=None, state=None, step=None):
     state = jax.jit(opt.init)(params) if state is None else state
     step = make_step(opt) if step is None else step
     for t in range(STEPS):
-        x, y = batch(data, t)
+        x, y = digits_batch(data, t)
         if batch_sharding is not None:
             x, y = jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding)
         params, state, _ = step(params, state, x, y)
@@ -230,7 +221,7 @@ def test_no_collectives_for_the_state(layout, data):
     # In a whole training step, rmsprop adds no collective to those of plain SGD, which
     # has no state: the forward pass's parameter all-gathers (FSDP) and the gradient
     # all-reduce are all there is; the state is never gathered.
-    x, y = (jax.device_put(a, NamedSharding(m, P("data"))) for a in batch(data, 0))
+    x, y = (jax.device_put(a, NamedSharding(m, P("data"))) for a in digits_batch(data, 0))
     rms_step = make_step(opt).lower(params, state, x, y).compile()
     sgd = optax.sgd(3e-3)
     sgd_step = make_step(sgd).lower(params, sgd.init(params), x, y).compile()
@@ -306,7 +297,7 @@ def test_zero1_state_sharding(data, single_device):
 
     # ... and as XLA accounts it: the compiled step's per-device argument bytes shrink by
     # exactly the state that is no longer replicated.
-    x, y = (jax.device_put(a, batch_sharding) for a in batch(data, 0))
+    x, y = (jax.device_put(a, batch_sharding) for a in digits_batch(data, 0))
     zero1_args = step.lower(params, state, x, y).compile().memory_analysis().argument_size_in_bytes
     dp_args = make_step(opt).lower(params, full_state, x, y).compile().memory_analysis().argument_size_in_bytes
     assert dp_args - zero1_args == per_device_bytes(full_state) - per_device_bytes(state)
