@@ -303,19 +303,30 @@ def rmsprop(
 
             b_new = None
             b_c = None
+            b_out = None
+            keep: Any = None  # for a narrower stored buffer: the new one as stored, and its value
             if use_momentum:
                 assert mom is not None and b is not None
-                b_c = _dtypes.as_compute(b, ct) if storage.is_default else storage.decode_signed(b, ct)
+                if storage.is_default:
+                    b_c = _dtypes.as_compute(b, ct)
+                    keep = _dtypes.round_trip(b.dtype, ct)
+                else:
+                    b_c = storage.decode_signed(b, ct)
+                    keep = storage.signed_store(b, ct, key, state.count, i)
             if not use_momentum:
                 step = _kernel.scale(lr, u)
             elif not lr_after_momentum:
                 assert b_c is not None
                 lr_u = _kernel.scale(lr, u)
                 b_new = _kernel.scale(mom, b_c) + lr_u
+                if keep is not None:
+                    b_out, b_new = keep(b_new)
                 step = lr_u + _kernel.scale(mom, b_new) if nesterov else b_new
             else:
                 assert b_c is not None
                 b_new = _kernel.scale(mom, b_c) + u
+                if keep is not None:
+                    b_out, b_new = keep(b_new)
                 step = _kernel.scale(lr, u + _kernel.scale(mom, b_new) if nesterov else b_new)
             if use_wd and decoupled_weight_decay:
                 assert wd is not None and pc is not None
@@ -327,9 +338,9 @@ def rmsprop(
             if b_new is None:
                 out_b.append(None)
             elif storage.is_default:
-                out_b.append(b_new.astype(b.dtype))
+                out_b.append(b_new.astype(b.dtype) if b_out is None else b_out)
             else:
-                out_b.append(storage.encode_signed(b_new, b, key, state.count, i))
+                out_b.append(storage.encode_signed(b_new, b, key, state.count, i) if b_out is None else b_out)
 
         def rebuild(leaves: list[Any], enabled: bool, old: Any) -> Any:
             if not enabled:

@@ -20,6 +20,7 @@ only ``g`` and the new state, so XLA needs no copy of the donated state.
 """
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -144,7 +145,9 @@ def rms_normalize(
     s: StepScalars,
     opts: RmsOptions,
     nu_max: float,
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    store_nu: "Store | None" = None,
+    store_mu: "Store | None" = None,
+) -> tuple[jax.Array, Any, Any]:
     """One second-moment step for one leaf.
 
     Returns ``(u, nu_new, mu_new)`` with ``u = g / den``, where ``den`` is
@@ -159,6 +162,15 @@ def rms_normalize(
     larger of what the stored values give and an exact lower bound that needs no square
     of ``g``. Everywhere else the arithmetic is the textbook one, bit for bit, and the
     update reads only ``g`` and the new state (one fused pass in XLA).
+
+    ``store_nu`` / ``store_mu``, for state kept in a narrower format than the compute
+    dtype (16-bit, 8-bit), map a new value to ``(stored, decoded)``: the stored form is
+    returned, and ``u`` is computed from the decoded one, the state as it is kept. The
+    update then reads only ``g`` and the new stored state, like the float32 path (XLA
+    would otherwise recompute the unrounded ``S`` from the old stored state, which it
+    must then copy before overwriting it in place: twice the time of the float32 step).
+    Rounding may leave the stored ``S`` below ``(1 - rho) |g|^2``, so the lower bound of
+    the root is then applied everywhere.
     """
     ct = np.dtype(nu.dtype)
     d, omd, b = s.decay, s.one_minus_decay, s.debias
@@ -179,6 +191,12 @@ def rms_normalize(
         # holding: the mean is forgotten, the state stays consistent (never S < |m|^2,
         # which would give a zero variance and the step g / eps).
         mu_new = jnp.where(nu_new >= top, scale(const(_shrink(ct, nu_max)), mu_new), mu_new)
+    nu_out, mu_out = nu_new, mu_new
+    if store_nu is not None:
+        nu_out, nu_new = store_nu(nu_new)
+    if store_mu is not None and mu_new is not None:
+        mu_out, mu_new = store_mu(mu_new)
+    lossy = store_nu is not None
 
     # The textbook denominator.
     nu_hat = nu_new if b is None else nu_new / b
@@ -194,7 +212,9 @@ def rms_normalize(
     # Where the stored S saturated (or S / (1 - rho^t) would overflow) ...
     special = nu_new >= (top if b is None else top * b)
     eps_bound, s_floor = _small_limits(opts.eps_in_sqrt, ct)
-    if opts.eps is None or opts.eps < eps_bound:
+    if lossy:
+        special = jnp.ones_like(special)
+    elif opts.eps is None or opts.eps < eps_bound:
         # ... or underflowed, and eps is too small to make that irrelevant ...
         under = nu_new < const(s_floor)
         if opts.eps is None:
@@ -222,7 +242,11 @@ def rms_normalize(
     if opts.eps_may_be_zero:
         # With eps = 0 a zero gradient on a zero average is 0/0; define its step as 0.
         u = jnp.where(g == 0, jnp.zeros_like(u), u)
-    return u, nu_new, mu_new
+    return u, nu_out, mu_out
+
+
+Store = Callable[[jax.Array], tuple[Any, jax.Array]]
+"""Maps a new state value (compute dtype) to ``(stored form, its decoded value)``."""
 
 
 def _shrink(dtype: np.dtype, nu_max: float) -> float:

@@ -172,7 +172,10 @@ class SecondMoment:
         """
         nu_c = nu.astype(ct)
         mu_c = None if mu is None else _dtypes.as_compute(mu, ct)
-        u, nu_new, mu_new = _kernel.rms_normalize(g, nu_c, mu_c, scalars, self.options, float(jnp.finfo(nu.dtype).max))
+        store_nu = _dtypes.round_trip(nu.dtype, ct)
+        store_mu = None if mu is None else _dtypes.round_trip(mu.dtype, ct)
+        nu_max = float(jnp.finfo(nu.dtype).max)
+        u, nu_new, mu_new = _kernel.rms_normalize(g, nu_c, mu_c, scalars, self.options, nu_max, store_nu, store_mu)
         nu_out = nu_new.astype(nu.dtype)
         mu_out = None if mu is None or mu_new is None else mu_new.astype(mu.dtype)
         return u, nu_out, mu_out

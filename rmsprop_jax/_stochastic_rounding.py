@@ -132,8 +132,8 @@ def _round_bf16(x: jax.Array, bits: jax.Array) -> jax.Array:
     value above the largest bfloat16 may carry into ``inf`` (hence ``saturate``).
     """
     raw = jax.lax.bitcast_convert_type(x, jnp.uint32)
-    top = ((raw + (bits >> _u32(16))) >> _u32(16)).astype(jnp.uint16)
-    return jax.lax.bitcast_convert_type(top, jnp.bfloat16)
+    top = (raw + (bits >> _u32(16))) & _u32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(top, jnp.float32).astype(jnp.bfloat16)
 
 
 def _round_generic(x: jax.Array, dtype: np.dtype, bits: jax.Array) -> jax.Array:

@@ -334,40 +334,79 @@ class Storage:
             mu_kind = leaf_kind(mu[0], mu[1])
             mu_c = self._decode(mu[0], mu[1], mu_kind, True, ct)
         nu_max = float(np.finfo(np.float32).max) if kind is Kind.INT8 else float(jnp.finfo(nu_v.dtype).max)
-        u, nu_new, mu_new = _kernel.rms_normalize(g, nu_c, mu_c, scalars, opts, nu_max)
-        bound = None
         if kind is Kind.INT8:
             assert nu_a is not None
-            bound = grad_bound()
-            scale = self._nu_scale_bound(nu_v, nu_a, bound, scalars.decay, scalars.one_minus_decay)
-            nu_out = _quantize.quantize(
-                nu_new, self.block_size, _quantize.UNSIGNED, self.bits(key, count, index, 0, nu_v.shape), scale
-            )
+            store_nu = self._int8_nu_store(nu_v, nu_a, grad_bound, scalars, key, count, index)
         else:
-            nu_out = (
-                self.encode_float(nu_new, nu_v.dtype, self.bits(key, count, index, 0, nu_v.shape), saturated=True),
-                nu_a,
-            )
+            store_nu = self._float_store(nu_v.dtype, ct, key, count, index, 0, True)
+        store_mu = None
+        if mu is not None and leaf_kind(*mu) is not Kind.INT8:
+            store_mu = self._float_store(mu[0].dtype, ct, key, count, index, 1, False)
+        u, nu_new, mu_new = _kernel.rms_normalize(g, nu_c, mu_c, scalars, opts, nu_max, store_nu, store_mu)
+        nu_out = nu_new if kind is Kind.INT8 else (nu_new, nu_a)
         mu_out = None
         if mu is not None:
             assert mu_new is not None
             mu_v, mu_a = mu
-            bits = self.bits(key, count, index, 1, mu_v.shape)
             if leaf_kind(mu_v, mu_a) is Kind.INT8:
+                # The centered mean is encoded after the update, which uses its unrounded value.
                 assert mu_a is not None
-                bound = grad_bound() if bound is None else bound
                 a = _quantize.decoded_block_max(mu_v, mu_a, _quantize.SIGNED)
                 scale = _at_most_f32(
-                    scalars.decay.astype(jnp.float32) * a + scalars.one_minus_decay.astype(jnp.float32) * bound
+                    scalars.decay.astype(jnp.float32) * a + scalars.one_minus_decay.astype(jnp.float32) * grad_bound()
                 )
+                bits = self.bits(key, count, index, 1, mu_v.shape)
                 mu_out = _quantize.quantize(mu_new, self.block_size, _quantize.SIGNED, bits, scale)
             else:
-                mu_out = (self.encode_float(mu_new, mu_v.dtype, bits, saturated=False), mu_a)
+                mu_out = (mu_new, mu_a)
         return u, nu_out, mu_out
+
+    def _int8_nu_store(
+        self, codes: jax.Array, scales: jax.Array, grad_bound: Any, scalars: Any, key: Any, count: jax.Array, index: int
+    ) -> Any:
+        """The ``_kernel.Store`` of an 8-bit ``S`` leaf: new codes and scales, and the ``S`` they decode to."""
+
+        def store(x: jax.Array) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+            upper, lower = self._nu_range_bound(codes, scales, grad_bound(), scalars.decay, scalars.one_minus_decay)
+            bits = self.bits(key, count, index, 0, codes.shape)
+            new = _quantize.quantize(x, self.block_size, _quantize.UNSIGNED, bits, upper, lower)
+            return new, _quantize.dequantize(*new, _quantize.UNSIGNED).astype(x.dtype)
+
+        return store
+
+    def _float_store(
+        self, dtype: np.dtype, ct: np.dtype, key: Any, count: jax.Array, index: int, buffer: int, saturated: bool
+    ) -> Any:
+        """The ``_kernel.Store`` of a float-stored buffer: None where it holds the compute dtype exactly."""
+        if _dtypes.round_trip(dtype, ct) is None:
+            return None
+
+        def store(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+            kept = self.encode_float(x, dtype, self.bits(key, count, index, buffer, x.shape), saturated=saturated)
+            return kept, _dtypes.as_compute(kept, ct)
+
+        return store
 
     def decode_signed(self, pair: tuple[jax.Array, jax.Array | None], ct: np.dtype) -> jax.Array:
         """A signed buffer leaf (momentum) in the compute dtype."""
         return self._decode(pair[0], pair[1], leaf_kind(pair[0], pair[1]), True, ct)
+
+    def signed_store(
+        self, pair: tuple[jax.Array, jax.Array | None], ct: np.dtype, key: Any, count: jax.Array, index: int
+    ) -> Any:
+        """The ``_kernel.Store`` of a momentum leaf kept in a narrower float (None for 8-bit and exact floats)."""
+        v, a = pair
+        if leaf_kind(v, a) is Kind.INT8:
+            return None
+        store = self._float_store(v.dtype, ct, key, count, index, 2, False)
+        if store is None:
+            return None
+
+        def keep(x: jax.Array) -> tuple[tuple[jax.Array, jax.Array | None], jax.Array]:
+            kept, value = store(x)
+            return (kept, a), value
+
+        return keep
 
     def encode_signed(
         self, value: jax.Array, pair: tuple[jax.Array, jax.Array | None], key: Any, count: jax.Array, index: int
@@ -386,19 +425,21 @@ class Storage:
             return _quantize.dequantize(v, a, fmt).astype(ct)
         return _dtypes.as_compute(v, ct)
 
-    def _nu_scale_bound(
+    def _nu_range_bound(
         self, codes: jax.Array, scales: jax.Array, grad_bound: jax.Array, decay: jax.Array, one_minus_decay: jax.Array
-    ) -> jax.Array:
-        r"""Per block, an upper bound of the new ``S``: :math:`\rho A + (1 - \rho) M^2`.
+    ) -> tuple[jax.Array, jax.Array]:
+        r"""Per block, bounds of the new ``S``: above by :math:`\rho A + (1 - \rho) M^2`, below by :math:`\rho a`.
 
-        ``A`` is the largest decoded old ``S`` of the block and ``M`` a bound of its
-        largest ``|g|``; both come from plain reductions of stored arrays, so the new
-        codes need no second pass over ``S``. Saturates at the float32 maximum, as the
-        kernel saturates ``S``.
+        ``A`` and ``a`` are the largest and smallest decoded old ``S`` of the block and
+        ``M`` a bound of its largest ``|g|``; all come from plain reductions of stored
+        arrays, so the new codes need no second pass over ``S``. The upper bound saturates
+        at the float32 maximum, as the kernel saturates ``S``. The lower one bounds every
+        positive new ``S`` when no old ``S`` of the block is 0 (else ``a = 0``: the block
+        keeps the widest format), and picks the block's code width.
         """
-        a = _quantize.decoded_block_max(codes, scales, _quantize.UNSIGNED)
-        m = grad_bound
-        return _at_most_f32(decay.astype(jnp.float32) * a + (one_minus_decay.astype(jnp.float32) * m) * m)
+        top, bottom = _quantize.decoded_block_range(codes, scales, _quantize.UNSIGNED)
+        d, m = decay.astype(jnp.float32), grad_bound
+        return _at_most_f32(d * top + (one_minus_decay.astype(jnp.float32) * m) * m), d * bottom
 
     def grad_block_bound(self, g: jax.Array, param: jax.Array | None, weight_decay: jax.Array | None) -> jax.Array:
         r"""Per block of the last axis, an upper bound of :math:`|g + \lambda\theta|` (float32).

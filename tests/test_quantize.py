@@ -172,16 +172,15 @@ def _round_trip(x, block, signed, stochastic):
 
 # A few shapes and block sizes (each pair compiles once); the values are what hypothesis varies.
 _SHAPES = st.sampled_from([(7,), (3, 40), (2, 2, 17)])
+# Non-negative arrays (S). XLA on CPU flushes subnormals to zero: only normal floats and 0 are meaningful.
+_NONNEGATIVE = hnp.arrays(
+    np.float32, _SHAPES, elements=st.floats(0.0, float(np.finfo(np.float32).max), width=32, allow_subnormal=False)
+)
 
 
 @hypothesis.settings(max_examples=50, deadline=None)
 @hypothesis.given(
-    x=hnp.arrays(
-        np.float32,
-        _SHAPES,
-        # XLA on CPU flushes subnormals to zero: only normal floats and 0 are meaningful.
-        elements=st.floats(0.0, float(np.finfo(np.float32).max), width=32, allow_subnormal=False),
-    ),
+    x=_NONNEGATIVE,
     block=st.sampled_from([1, 16]),
     stochastic=st.booleans(),
 )
@@ -326,3 +325,147 @@ class LayoutTest(parameterized.TestCase):
         assert q.state_bytes((10,), block) == 14
         with pytest.raises(ValueError, match="0-d"):
             q.scales_shape((), block)
+
+
+# ----------------------------------------------------------------------------- adaptive widths
+
+
+def _width_table(m: int) -> np.ndarray:
+    """The documented unsigned map with m significand bits and 8 - m exponent bits (bias 2**(8-m) - 1)."""
+    bias = 2 ** (8 - m) - 1
+    out = []
+    for c in range(256):
+        e, f = c >> m, c & (2**m - 1)
+        out.append(2.0 ** (e - bias) * (1 + f / 2**m) if e else c * 2.0 ** (1 - bias - m))
+    return np.array(out)
+
+
+def _width_rule(a: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """The documented choice: the largest m in 4..7 whose smallest normal value, 2**(1 - bias) of the
+    block maximum normalized to 2 - 2**-m, still lies at or below the lower bound."""
+    m = np.full(a.shape, 4)
+    for w in (5, 6, 7):
+        bias = 2 ** (8 - w) - 1
+        fits = lower.astype(np.float64) * (2 - 2.0**-w) >= a.astype(np.float64) * 2.0 ** (1 - bias)
+        m = np.where((lower > 0) & fits, w, m)
+    return m
+
+
+class AdaptiveWidthTest(chex.TestCase):
+    def test_width_tables_are_monotone_and_zero_only_at_code_0(self):
+        for m in q.WIDTHS:
+            t = _width_table(m)
+            assert t[0] == 0 and np.all(np.diff(t) > 0)
+            assert t[-1] == 2 - 2.0**-m
+        np.testing.assert_array_equal(_width_table(4), _table(False))  # width 4 is the original map
+
+    def test_widths_follow_the_documented_rule(self):
+        a = np.float32(3.0) * np.ones(200, np.float32)
+        ratio = np.geomspace(1.0, 1e6, 200).astype(np.float32)
+        lower = (a / ratio).astype(np.float32)
+        lower[::17] = 0.0  # a block with a zero S keeps width 4
+        got = np.asarray(q.choose_widths(jnp.asarray(a), jnp.asarray(lower)))
+        np.testing.assert_array_equal(got, _width_rule(a, lower))
+        assert set(np.unique(got)) == {4, 5, 6, 7}
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(spread=(1.5, 6.0, 100.0, 1e4), shape=((3, 1000), (2, 3, 300)))
+    def test_nearest_level_of_each_blocks_width(self, spread, shape):
+        """Blocks spanning a factor ``spread``: each value decodes to the nearest level of the table of the
+        width the rule picks for (exact maximum, exact minimum), scaled by the stored scale's magnitude."""
+        rng = np.random.default_rng(int(spread))
+        x = np.exp(rng.uniform(0, np.log(spread), size=shape)).astype(np.float32)
+        block = 256
+        b = _b(shape[-1], block)
+        starts = range(0, shape[-1], b)
+        a = np.stack([x[..., s : s + b].max(-1) for s in starts], -1)
+        lo = np.stack([x[..., s : s + b].min(-1) for s in starts], -1)
+        codes, scales = self.variant(lambda v, u: q.quantize(v, block, q.UNSIGNED, lower=u))(
+            jnp.asarray(x), jnp.asarray(lo)
+        )
+        scales = np.asarray(scales)
+        want_m = _width_rule(a, lo)
+        # The stored scale: the maximum itself for width 4, else its negative with m - 4 in the low bits.
+        raw = scales.view(np.uint32)
+        got_m = np.where(scales < 0, 4 + (raw & 3), 4)
+        np.testing.assert_array_equal(got_m, want_m)
+        np.testing.assert_allclose(np.abs(scales), a, rtol=4 * 2.0**-23)
+        np.testing.assert_array_equal(np.abs(scales)[want_m == 4], a[want_m == 4])
+        got = np.asarray(self.variant(lambda c, s: q.dequantize(c, s, q.UNSIGNED))(codes, scales), np.float64)
+        for k, s in enumerate(starts):
+            for idx in np.ndindex(shape[:-1]):
+                m, amp = want_m[(*idx, k)], float(np.abs(scales[(*idx, k)]))
+                levels = _width_table(m) * amp / (2 - 2.0**-m)
+                v = x[idx][s : s + b].astype(np.float64)
+                nearest = levels[np.argmin(np.abs(levels[None, :] - v[:, None]), axis=-1)]
+                g = got[idx][s : s + b]
+                assert np.all(np.abs(np.abs(g - v) - np.abs(nearest - v)) <= 1e-6 * amp), (m, spread)
+        if spread <= 6.0:
+            assert np.all(want_m >= 6)  # narrow blocks gain 2-3 bits ...
+            assert np.max(np.abs(got / x - 1)) <= 2.0**-7  # ... half a step of 2**-6 relative at most
+
+    def test_stochastic_rounding_is_unbiased_at_every_width(self):
+        n_rep = 20_000
+        for m, lower in ((5, 0.02), (6, 0.2), (7, 0.75)):
+            levels = _width_table(m)
+            top = 2 - 2.0**-m
+            rng = np.random.default_rng(m)
+            values = rng.uniform(lower, 1.0, size=8)
+            x = np.empty((8, n_rep + 1), np.float32)
+            x[:, 0] = 1.0
+            x[:, 1:] = values[:, None]
+            bits = sr.random_bits(sr.new_key(m), jnp.int32(0), 0, x.shape)
+            codes, scales = q.quantize(jnp.asarray(x), n_rep + 1, q.UNSIGNED, bits, lower=jnp.full((8, 1), lower))
+            assert np.all(np.asarray(q.split_scales(scales)[1]) == m)
+            got = np.asarray(q.dequantize(codes, scales, q.UNSIGNED), np.float64)[:, 1:]
+            amp = float(np.abs(np.asarray(scales)[0, 0]))
+            lv = levels * amp / top
+            for row in range(8):
+                v = float(x[row, 1])
+                lo, hi = lv[lv <= v].max(), lv[lv >= v].min()
+                near = np.minimum(np.abs(got[row] - lo), np.abs(got[row] - hi))
+                assert np.all(near <= 1e-6 * hi), (m, v, np.unique(got[row]), lo, hi)  # only the two neighbours
+                p = 0.0 if hi == lo else (v - lo) / (hi - lo)
+                sigma = (hi - lo) * np.sqrt(p * (1 - p) / n_rep)
+                assert abs(got[row].mean() - v) <= 5 * sigma + 1e-6 * v, (m, v, got[row].mean(), sigma)
+
+    def test_values_below_the_lower_bound_and_zeros(self):
+        """The bound only picks the width: smaller values still decode to a positive level, zeros to 0."""
+        x = np.array([[1.0, 0.9, 0.8, 1e-3, 1e-30, 0.0]], np.float32)
+        codes, scales = q.quantize(jnp.asarray(x), 8, q.UNSIGNED, lower=jnp.asarray([[0.8]]))
+        assert int(q.split_scales(scales)[1][0, 0]) == 7
+        got = np.asarray(q.dequantize(codes, scales, q.UNSIGNED))
+        assert np.all(got[0, :5] > 0) and got[0, 5] == 0
+        np.testing.assert_allclose(got[0, :3], x[0, :3], rtol=2.0**-8)
+        with pytest.raises(ValueError, match="unsigned"):
+            q.quantize(jnp.asarray(x), 8, q.SIGNED, lower=jnp.asarray([[0.8]]))
+
+    def test_block_range_helper(self):
+        x = _positive((4, 700), seed=12, sigma=0.5)
+        lo = np.stack([x[:, i : i + 234].min(-1) for i in range(0, 700, 234)], -1)
+        codes, scales = q.quantize(jnp.asarray(x), 256, q.UNSIGNED, lower=jnp.asarray(lo))
+        decoded = np.asarray(q.dequantize(codes, scales, q.UNSIGNED))
+        top, bottom = q.decoded_block_range(codes, scales, q.UNSIGNED)
+        want_top = np.stack([decoded[:, i : i + 234].max(-1) for i in range(0, 700, 234)], -1)
+        want_bottom = np.stack([decoded[:, i : i + 234].min(-1) for i in range(0, 700, 234)], -1)
+        np.testing.assert_array_equal(np.asarray(top), want_top)
+        np.testing.assert_array_equal(np.asarray(bottom), want_bottom)
+
+
+@hypothesis.settings(max_examples=50, deadline=None)
+@hypothesis.given(
+    x=_NONNEGATIVE,
+    fraction=st.floats(0.0, 1.0),
+    stochastic=st.booleans(),
+)
+def test_no_positive_value_decodes_to_zero_at_any_width(x, fraction, stochastic):
+    """Whatever lower bound is given (even a wrong one, above some values), positive stays positive."""
+    scales_shape = q.scales_shape(x.shape, 16)
+    lower = jnp.asarray(q.block_abs_max(jnp.asarray(x), 16)) * jnp.float32(fraction)
+    assert lower.shape == scales_shape
+    bits = sr.random_bits(sr.new_key(5), jnp.int32(2), 0, x.shape) if stochastic else None
+    codes, scales = q.quantize(jnp.asarray(x), 16, q.UNSIGNED, bits, lower=lower)
+    got = np.asarray(q.dequantize(codes, scales, q.UNSIGNED))
+    assert np.all(got[x > 0] > 0)
+    assert np.all(got[x == 0] == 0)
+    assert np.all(np.isfinite(got)) and np.all(got >= 0)
