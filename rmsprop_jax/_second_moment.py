@@ -30,6 +30,44 @@ class SecondMoment:
     storage: _storage.Storage = dataclasses.field(default_factory=_storage.Storage)
 
     @classmethod
+    def with_storage(
+        cls,
+        *,
+        decay: Any,
+        eps: Any,
+        eps_in_sqrt: bool,
+        initial_scale: Any,
+        centered: bool,
+        bias_correction: bool,
+        state_dtype: Any,
+        stochastic_rounding: Any,
+        block_size: Any,
+        min_8bit_size: Any,
+        factored: Any,
+        rounding_seed: Any,
+    ) -> "SecondMoment":
+        """Checks the storage options, then the rest (:meth:`create`): what ``rmsprop`` and ``scale_by_rms`` share."""
+        storage = _storage.Storage.create(
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            block_size=block_size,
+            min_8bit_size=min_8bit_size,
+            factored=factored,
+            rounding_seed=rounding_seed,
+            centered=centered,
+        )
+        return cls.create(
+            decay=decay,
+            eps=eps,
+            eps_in_sqrt=eps_in_sqrt,
+            initial_scale=initial_scale,
+            centered=centered,
+            bias_correction=bias_correction,
+            state_dtype=storage.float_dtype,
+            storage=storage,
+        )
+
+    @classmethod
     def create(
         cls,
         *,

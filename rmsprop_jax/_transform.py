@@ -154,25 +154,21 @@ def scale_by_rms(
       Graves, `Generating Sequences With Recurrent Neural Networks
       <https://arxiv.org/abs/1308.0850>`_, 2013.
     """
-    storage = _storage.Storage.create(
-        state_dtype=state_dtype,
-        stochastic_rounding=stochastic_rounding,
-        block_size=block_size,
-        min_8bit_size=min_8bit_size,
-        factored=factored,
-        rounding_seed=rounding_seed,
-        centered=centered,
-    )
-    sm = SecondMoment.create(
+    sm = SecondMoment.with_storage(
         decay=decay,
         eps=eps,
         eps_in_sqrt=eps_in_sqrt,
         initial_scale=initial_scale,
         centered=centered,
         bias_correction=bias_correction,
-        state_dtype=storage.float_dtype,
-        storage=storage,
+        state_dtype=state_dtype,
+        stochastic_rounding=stochastic_rounding,
+        block_size=block_size,
+        min_8bit_size=min_8bit_size,
+        factored=factored,
+        rounding_seed=rounding_seed,
     )
+    storage = sm.storage
 
     mode = _nonfinite.check_mode(on_nonfinite)
 
