@@ -17,7 +17,8 @@ Each block has a scale :math:`A` at least as large as its largest magnitude (the
 maximum, or an upper bound that costs no extra pass, see :func:`quantize`); values are
 normalized to :math:`x = v \cdot T / A \in [-T, T]`, with :math:`T = 1.9375` the largest
 code value, and rounded to a code. Two code maps, both 8-bit floating-point formats
-with 4 significand bits, so that the relative resolution is the same at every magnitude
+with 4 significand bits (the unsigned one with up to 7 in blocks of narrow range, see
+*Adaptive width* below), so that the relative resolution is the same at every magnitude
 (what a denominator :math:`\sqrt{S}` needs):
 
 - **unsigned** (``uint8``, for ``S``, which is never negative): 4 exponent bits and 4
@@ -33,7 +34,7 @@ with 4 significand bits, so that the relative resolution is the same at every ma
   :math:`|c| \cdot 2^{-10}`, and zero. Sign and magnitude make the largest magnitude of
   a block a plain maximum and minimum of its codes.
 
-Adaptive width (unsigned). Four exponent bits span 15 binades, more than most blocks
+*Adaptive width* (unsigned). Four exponent bits span 15 binades, more than most blocks
 need, and each costs resolution: the steps of 3-6% make a stochastically rounded ``S``
 noisy at decay 0.999, where the float32 average barely moves. When the caller knows a
 lower bound :math:`L` of the block's positive values (``lower``), the block instead uses
