@@ -15,7 +15,9 @@ here store it in less memory:
   column statistics (:mod:`._factored`).
 
 All the arithmetic still runs in float32 (or float64): values are decoded, updated as
-in the float path, and encoded again.
+in the float path, and encoded again. The update is computed from the new ``S`` (and
+16-bit ``m`` and momentum) as stored, decoded back (``_kernel.Store``), so the state a
+checkpoint holds fully determines the step; 8-bit ``m`` and momentum are encoded after it.
 
 State layout. The state NamedTuples keep their fields (a checkpoint of the default
 layout still loads). With any of these options, ``nu`` holds a :class:`StoredBuffer`
