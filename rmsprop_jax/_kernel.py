@@ -210,31 +210,32 @@ def rms_normalize(
     den = jnp.sqrt(var + s.eps) if opts.eps_in_sqrt else jnp.sqrt(var)
 
     # Where the stored S saturated (or S / (1 - rho^t) would overflow) ...
-    special = nu_new >= (top if b is None else top * b)
-    eps_bound, s_floor = _small_limits(opts.eps_in_sqrt, ct)
-    if lossy:
-        special = jnp.ones_like(special)
-    elif opts.eps is None or opts.eps < eps_bound:
-        # ... or underflowed, and eps is too small to make that irrelevant ...
-        under = nu_new < const(s_floor)
-        if opts.eps is None:
-            under = under & (s.eps < const(eps_bound))
-        special = special | under
+    special = None  # None: everywhere (a rounded S may fall below the bound at any element)
+    if not lossy:
+        special = nu_new >= (top if b is None else top * b)
+        eps_bound, s_floor = _small_limits(opts.eps_in_sqrt, ct)
+        if opts.eps is None or opts.eps < eps_bound:
+            # ... or underflowed, and eps is too small to make that irrelevant ...
+            under = nu_new < const(s_floor)
+            if opts.eps is None:
+                under = under & (s.eps < const(eps_bound))
+            special = special | under
     # ... the root is the larger of the value from the stored state, in a form that
     # cannot overflow, and a lower bound of the true one computed from g (no square).
     bound = _lower_bound(g, mu_new, s, opts, nu_new >= top, nu_max)
     if b is None:
         # max(den, bound or 0) equals where(special, max(den, bound), den) for den, bound >= 0,
         # and reads den once: XLA then fuses S and the step into one loop (see _fused.py).
-        den = jnp.maximum(den, jnp.where(special, bound, jnp.zeros_like(bound)))
+        floor = bound if special is None else jnp.where(special, bound, jnp.zeros_like(bound))
+        den = jnp.maximum(den, floor)
     else:
         x = nu_new
         if opts.centered:
             assert mu_new is not None
             x = jnp.maximum(nu_new - abs_sq(mu_new) / b, 0)
         # sqrt(x / b (+ eps)) = sqrt(x (+ eps b)) / sqrt(b): no overflow for x <= max.
-        safe = (jnp.sqrt(x + s.eps * b) if opts.eps_in_sqrt else jnp.sqrt(x)) * jax.lax.rsqrt(b)
-        den = jnp.where(special, jnp.maximum(safe, bound), den)
+        safe = jnp.maximum((jnp.sqrt(x + s.eps * b) if opts.eps_in_sqrt else jnp.sqrt(x)) * jax.lax.rsqrt(b), bound)
+        den = safe if special is None else jnp.where(special, safe, den)
     if not opts.eps_in_sqrt:
         den = den + s.eps
 

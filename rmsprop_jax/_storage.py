@@ -102,6 +102,15 @@ def _static_int(name: str, value: Any, low: int, allowed: str) -> int:
     return v
 
 
+def _int8_option(name: str, value: Any, int8: bool, state_dtype: Any, low: int, allowed: str) -> int | None:
+    """An integer option of 8-bit state: None if not given, an error if given without ``"int8"``."""
+    if value is None:
+        return None
+    if not int8:
+        raise ValueError(f"{name}={value!r} applies only to state_dtype='int8'; got state_dtype={state_dtype!r}.")
+    return _static_int(name, value, low, allowed)
+
+
 def parse_state_dtype(state_dtype: Any) -> tuple[bool, np.dtype | None]:
     """``(is_int8, float_dtype)`` for the ``state_dtype`` argument; raises a ValueError for others."""
     if isinstance(state_dtype, str) and state_dtype == INT8:
@@ -160,19 +169,10 @@ class Storage:
                 "Allowed: state_dtype=jnp.bfloat16, jnp.float16 or 'int8' (float32 and float64 states "
                 "round exactly enough)."
             )
-        if block_size is not None:
-            if not int8:
-                raise ValueError(
-                    f"block_size={block_size!r} applies only to state_dtype='int8'; got state_dtype={state_dtype!r}."
-                )
-            block_size = _static_int("block_size", block_size, 1, "allowed: a positive int, e.g. 256 or 2048")
-        if min_8bit_size is not None:
-            if not int8:
-                raise ValueError(
-                    f"min_8bit_size={min_8bit_size!r} applies only to state_dtype='int8'; "
-                    f"got state_dtype={state_dtype!r}."
-                )
-            min_8bit_size = _static_int("min_8bit_size", min_8bit_size, 0, "allowed: an int >= 0")
+        block_size = _int8_option(
+            "block_size", block_size, int8, state_dtype, 1, "allowed: a positive int, e.g. 256 or 2048"
+        )
+        min_8bit_size = _int8_option("min_8bit_size", min_8bit_size, int8, state_dtype, 0, "allowed: an int >= 0")
         if rounding_seed is not None:
             if not stochastic_rounding:
                 raise ValueError(
@@ -336,13 +336,16 @@ class Storage:
             mu_kind = leaf_kind(mu[0], mu[1])
             mu_c = self._decode(mu[0], mu[1], mu_kind, True, ct)
         nu_max = float(np.finfo(np.float32).max) if kind is Kind.INT8 else float(jnp.finfo(nu_v.dtype).max)
+        mu_int8 = mu is not None and leaf_kind(*mu) is Kind.INT8
+        # The per-block bound of |g| that 8-bit scales need: one reduction, shared by S and m.
+        bound = grad_bound() if kind is Kind.INT8 or mu_int8 else None
         if kind is Kind.INT8:
-            assert nu_a is not None
-            store_nu = self._int8_nu_store(nu_v, nu_a, grad_bound, scalars, key, count, index)
+            assert nu_a is not None and bound is not None
+            store_nu = self._int8_nu_store(nu_v, nu_a, bound, scalars, key, count, index)
         else:
             store_nu = self._float_store(nu_v.dtype, ct, key, count, index, 0, True)
         store_mu = None
-        if mu is not None and leaf_kind(*mu) is not Kind.INT8:
+        if mu is not None and not mu_int8:
             store_mu = self._float_store(mu[0].dtype, ct, key, count, index, 1, False)
         u, nu_new, mu_new = _kernel.rms_normalize(g, nu_c, mu_c, scalars, opts, nu_max, store_nu, store_mu)
         nu_out = nu_new if kind is Kind.INT8 else (nu_new, nu_a)
@@ -350,12 +353,12 @@ class Storage:
         if mu is not None:
             assert mu_new is not None
             mu_v, mu_a = mu
-            if leaf_kind(mu_v, mu_a) is Kind.INT8:
+            if mu_int8:
                 # The centered mean is encoded after the update, which uses its unrounded value.
-                assert mu_a is not None
+                assert mu_a is not None and bound is not None
                 a = _quantize.decoded_block_max(mu_v, mu_a, _quantize.SIGNED)
                 scale = _at_most_f32(
-                    scalars.decay.astype(jnp.float32) * a + scalars.one_minus_decay.astype(jnp.float32) * grad_bound()
+                    scalars.decay.astype(jnp.float32) * a + scalars.one_minus_decay.astype(jnp.float32) * bound
                 )
                 bits = self.bits(key, count, index, 1, mu_v.shape)
                 mu_out = _quantize.quantize(mu_new, self.block_size, _quantize.SIGNED, bits, scale)
@@ -364,12 +367,19 @@ class Storage:
         return u, nu_out, mu_out
 
     def _int8_nu_store(
-        self, codes: jax.Array, scales: jax.Array, grad_bound: Any, scalars: Any, key: Any, count: jax.Array, index: int
+        self,
+        codes: jax.Array,
+        scales: jax.Array,
+        grad_bound: jax.Array,
+        scalars: Any,
+        key: Any,
+        count: jax.Array,
+        index: int,
     ) -> Any:
         """The ``_kernel.Store`` of an 8-bit ``S`` leaf: new codes and scales, and the ``S`` they decode to."""
 
         def store(x: jax.Array) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-            upper, lower = self._nu_range_bound(codes, scales, grad_bound(), scalars.decay, scalars.one_minus_decay)
+            upper, lower = self._nu_range_bound(codes, scales, grad_bound, scalars.decay, scalars.one_minus_decay)
             bits = self.bits(key, count, index, 0, codes.shape)
             new = _quantize.quantize(x, self.block_size, _quantize.UNSIGNED, bits, upper, lower)
             return new, _quantize.dequantize(*new, _quantize.UNSIGNED).astype(x.dtype)
