@@ -56,7 +56,12 @@ map: anything below the smallest positive code is rounded *up* to it, so a decod
 Encoding and decoding are integer operations on float32 bit patterns (no logarithm,
 search or table lookup), and the per-block maxima are plain reductions of stored
 arrays, which XLA:CPU vectorizes (a reduction fused with element-wise work before it
-runs several times slower there).
+runs several times slower there). The 8-bit step is compute-bound on a CPU, so the
+element loops are kept short: unsigned values are normalized to :math:`2^8` times the
+code values (one multiply, and the multiplier is a normal float32 for every scale),
+per-block constants are materialized once and read as broadcasts, and
+:func:`ema_step` updates and re-encodes ``S`` with the constants of the update folded
+into one multiply-add per element.
 """
 
 import functools
@@ -67,6 +72,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmsprop_jax import _stochastic_rounding
+
 
 TOP = 1.9375  # the largest code value: 2**0 * (1 + 15/16)
 MAN_BITS = 4
@@ -75,6 +82,7 @@ DEFAULT_MIN_SIZE = 4096  # leaves with fewer elements stay in a float dtype, as 
 SCALE_DTYPE = np.dtype(np.float32)
 # Unsigned blocks decode with a scale of at least this: 2**-18 / TOP * FLOOR stays a normal float32.
 FLOOR = float(np.finfo(np.float32).tiny) * 2.0**20
+_LIFT = 8  # unsigned encoding: 2**8 * TOP / scale is a normal float32 for every scale in [FLOOR, max]
 
 
 class Format(NamedTuple):
@@ -144,43 +152,71 @@ def code_table(fmt: Format) -> np.ndarray:
 
 
 class _Params(NamedTuple):
-    """The constants of a float code map, as Python ints (one width) or per-block arrays (adaptive widths)."""
+    """The constants of a float code map, as Python numbers (one width) or per-block arrays (adaptive widths).
 
-    two_m: jax.Array | int  # 2**man_bits: the first normal code
+    Per-block integer arrays carry a tag in their high bits (see :func:`_once_int`): the
+    decoder shifts it out of ``offset`` and both coders mask it off ``shift``.
+    """
+
     offset: jax.Array | int  # (127 - bias) << man_bits: float32 exponent re-bias, in code units
     shift: jax.Array | int  # 23 - man_bits: code units to float32 bit pattern
-    min_normal: jax.Array | float  # 2**(1 - bias)
+    min_normal: jax.Array | float  # 2**(1 - bias + lift): the smallest normal value
+    base: jax.Array | float  # 2**(lift - bias): its bit pattern is offset << shift (lifted)
     max_code: int
 
 
-def _params(fmt: Format, m: jax.Array | None) -> _Params:
-    """``fmt``'s constants; with ``m`` (uint32 widths, one per block, broadcastable) the unsigned map of each width."""
+def _params(fmt: Format, m: jax.Array | None, lift: int = 0) -> _Params:
+    """``fmt``'s constants; with ``m`` (uint32 widths, one per block, broadcastable) the unsigned map of each width.
+
+    ``lift``: for values normalized to ``2**lift`` times the code values (see :func:`quantize`);
+    ``offset`` is the decoder's and ignores it.
+    """
     if m is None:
         return _Params(
-            2**fmt.man_bits,
             (127 - fmt.bias) << fmt.man_bits,
             23 - fmt.man_bits,
-            fmt.min_normal,
+            fmt.min_normal * 2.0**lift,
+            2.0 ** (lift - fmt.bias),
             fmt.max_magnitude_code,
         )
     bias = (_u32(256) >> m) - _u32(1)
-    min_normal = jax.lax.bitcast_convert_type((_u32(128) - bias) << _u32(23), jnp.float32)
-    return _Params(_u32(1) << m, (_u32(127) - bias) << m, _u32(23) - m, min_normal, 255)
+
+    def power(e: jax.Array) -> jax.Array:  # 2**(e - 127) for a biased exponent e
+        return jax.lax.bitcast_convert_type(e << _u32(23), jnp.float32)
+
+    return _Params(
+        (_u32(127) - bias) << m, _u32(23) - m, power(_u32(128 + lift) - bias), power(_u32(127 + lift) - bias), 255
+    )
+
+
+def _one(like: jax.Array) -> jax.Array:
+    """A float32 1 that XLA cannot fold (computed at run time from ``like``)."""
+    return jnp.minimum(like.astype(jnp.float32), jnp.float32(0)) * jnp.float32(0) + jnp.float32(1)
 
 
 def _once(x: jax.Array, like: jax.Array) -> jax.Array:
-    """``x`` (per block) computed once per block, before :func:`_expand` repeats it.
+    """Float32 ``x`` (per block) computed once per block, before :func:`_expand` repeats it.
 
     XLA:CPU fuses cheap per-block arithmetic into the element loop that broadcasts it,
-    and redoes it for every element (encoding with adaptive widths ran 3x slower). An
-    integer division by a value it cannot fold (1, at run time, from ``like``) counts
-    as expensive, so XLA keeps the per-block array materialized.
+    and redoes it there. A float division by a value it cannot fold (1, at run time, from
+    ``like``) counts as expensive, so XLA keeps the quotient materialized (an integer
+    division would too, but x86 divides integers one at a time).
     """
-    raw = jax.lax.bitcast_convert_type(like, jnp.uint32) if like.dtype == jnp.float32 else like
-    one = (raw | _u32(1)) // (raw | _u32(1))
-    if x.dtype == jnp.float32:
-        return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(x, jnp.uint32) // one, jnp.float32)
-    return x // one
+    return x / _one(like)
+
+
+def _once_int(x: jax.Array, like: jax.Array) -> jax.Array:
+    """:func:`_once` for a uint32 ``x`` below 2**23, returned as ``x | _TAG``.
+
+    It travels as the low bits of the float32 ``2**23 + x`` (divided exactly). The tag
+    stays, so that the element loop reads the array directly: its users shift it out
+    (``offset`` is added to codes, then shifted left by at least 16) or mask it off.
+    """
+    carrier = jax.lax.bitcast_convert_type(x | _u32(_TAG), jnp.float32) / _one(like)
+    return jax.lax.bitcast_convert_type(carrier, jnp.uint32)
+
+
+_TAG = 0x4B000000  # the bit pattern of the float32 2**23: its 23 low bits hold an integer exactly
 
 
 def _expand(x: jax.Array, n: int) -> jax.Array:
@@ -195,38 +231,48 @@ def _expand(x: jax.Array, n: int) -> jax.Array:
     return out if out.shape[-1] == n else out[..., :n]
 
 
-def _block_params(fmt: Format, m: jax.Array, n: int) -> _Params:
+def _block_params(fmt: Format, m: jax.Array, n: int, lift: int = 0) -> _Params:
     """:func:`_params` of per-block widths ``m``, computed once per block and repeated over rows of length ``n``."""
-    k = _params(fmt, m)
+    k = _params(fmt, m, lift)
 
-    def per_element(x: Any) -> jax.Array:
-        return _expand(_once(jnp.asarray(x), m), n)
+    def ints(x: Any) -> jax.Array:
+        return _expand(_once_int(jnp.asarray(x, jnp.uint32), m), n)
 
-    return _Params(
-        per_element(k.two_m), per_element(k.offset), per_element(k.shift), per_element(k.min_normal), k.max_code
-    )
+    def floats(x: Any) -> jax.Array:
+        return _expand(_once(jnp.asarray(x, jnp.float32), m), n)
+
+    return _Params(ints(k.offset), ints(k.shift), floats(k.min_normal), floats(k.base), k.max_code)
 
 
 def _as_u32(x: jax.Array | int) -> jax.Array:
     return _u32(x) if isinstance(x, int) else x
 
 
+def _pattern(x: jax.Array | float) -> jax.Array:
+    """The bit pattern of a float32 (a Python float, or per-block values), as uint32."""
+    if isinstance(x, float):
+        return _u32(int(np.float32(x).view(np.uint32)))
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
 def decode_codes(codes: jax.Array, fmt: Format, m: jax.Array | _Params | None = None) -> jax.Array:
     """Code values as float32 (before the block scale): :func:`code_table` by bit arithmetic.
 
     A normal magnitude code is the top of a float32 bit pattern with a re-biased
-    exponent. A subnormal code ``c < 16`` is decoded as the normal code ``c + 16`` minus
-    the smallest normal value, which is exactly ``c * sub_step`` (Sterbenz). ``m``: the
-    unsigned widths per block (broadcastable to ``codes``), for adaptive blocks.
+    exponent. A subnormal code ``c < 2**m`` (its pattern then falls below the smallest
+    normal value's) is decoded as the normal code ``c + 2**m`` (one more in the float32
+    exponent) minus the smallest normal value, which is exactly ``c * sub_step``
+    (Sterbenz). ``m``: the unsigned widths per block (broadcastable to ``codes``), for
+    adaptive blocks.
     """
     k = m if isinstance(m, _Params) else _params(fmt, m)
     c = codes.astype(jnp.int32)
     mag = jnp.abs(c).astype(jnp.uint32) if fmt.signed else codes.astype(jnp.uint32)
-    small = mag < _as_u32(k.two_m)
-    offset = _as_u32(k.offset)
-    pattern = (mag + jnp.where(small, offset + _as_u32(k.two_m), offset)) << _as_u32(k.shift)
-    value = jax.lax.bitcast_convert_type(pattern, jnp.float32)
-    value = value - jnp.where(small, jnp.asarray(k.min_normal, jnp.float32), jnp.float32(0))
+    min_normal = jnp.asarray(k.min_normal, jnp.float32)
+    pattern = (mag + _as_u32(k.offset)) << (_as_u32(k.shift) & _u32(31))
+    small = pattern < _pattern(k.min_normal)
+    pattern = jnp.where(small, pattern + _u32(1 << 23), pattern)
+    value = jax.lax.bitcast_convert_type(pattern, jnp.float32) - jnp.where(small, min_normal, jnp.float32(0))
     if fmt.signed:
         value = jnp.where(c < 0, -value, value)
     return value
@@ -238,32 +284,32 @@ def encode_values(
     bits: jax.Array | None,
     positive: jax.Array | None = None,
     m: jax.Array | _Params | None = None,
+    lift: int = 0,
 ) -> jax.Array:
-    """Rounds float32 ``x`` to codes; stochastic with uniform uint32 ``bits``, else nearest.
+    """Rounds float32 ``x`` (code values times ``2**lift``) to codes, stochastically with uniform uint32 ``bits``.
 
-    Magnitudes above ``TOP`` get the largest code. In the unsigned map, elements where
-    ``positive`` (default ``x > 0``) get at least code 1, also when ``x`` itself
-    underflowed in the normalization. ``m``: per-block unsigned widths, as in
-    :func:`decode_codes`.
+    Without ``bits``, to nearest. Magnitudes above the largest code value get the largest
+    code. In the unsigned map, elements where ``positive`` (default ``x > 0``) get at least
+    code 1, also when ``x`` itself underflowed in the normalization. ``m``: per-block unsigned widths, as in
+    :func:`decode_codes`; with them, ``x >= 0`` is assumed (no absolute value is taken).
 
     Adding ``r`` uniform in [0, 2**19) to the float32 bit pattern of ``|x|`` and dropping
     its 19 low bits rounds the magnitude up with probability equal to the dropped
     fraction of a code step (nearest: ``r = 2**18``, ties away from zero); a carry into the
-    exponent is the next binade's first code, as it should be. Magnitudes below the
-    smallest normal value are first shifted up by it, into the first normal binade,
-    whose code steps are the subnormal ones (the shift loses bits below 2**-37, a
-    2**-19 fraction of a step).
+    exponent is the next binade's first code, as it should be. Subtracting the pattern
+    of ``2**(lift - bias)`` first re-biases the exponent. Magnitudes below the smallest
+    normal value are shifted up by it, into the first normal binade, whose code steps
+    are the subnormal ones (the shift loses bits below 2**-37, a 2**-19 fraction of a
+    step), and its pattern is subtracted instead.
     """
-    k = m if isinstance(m, _Params) else _params(fmt, m)
-    shift = _as_u32(k.shift)
-    mag = x if m is not None else jnp.abs(x)  # adaptive blocks are unsigned: x >= 0
+    k = m if isinstance(m, _Params) else _params(fmt, m, lift)
+    shift = _as_u32(k.shift) & _u32(31)
+    mag = x if m is not None else jnp.abs(x)
     min_normal = jnp.asarray(k.min_normal, jnp.float32)
     small = mag < min_normal
-    y = jnp.where(small, mag + min_normal, mag)
-    raw = jax.lax.bitcast_convert_type(y, jnp.uint32)
-    r = (_u32(1) << (shift - _u32(1))) if bits is None else bits >> (_u32(32) - shift)
-    offset = _as_u32(k.offset)
-    code = ((raw + r) >> shift) - jnp.where(small, offset + _as_u32(k.two_m), offset)
+    raw = jax.lax.bitcast_convert_type(jnp.where(small, mag + min_normal, mag), jnp.uint32)
+    r = (_u32(1) << ((shift - _u32(1)) & _u32(31))) if bits is None else bits >> ((_u32(32) - shift) & _u32(31))
+    code = (raw + r - jnp.where(small, _pattern(k.min_normal), _pattern(k.base))) >> shift
     code = jnp.minimum(code, _u32(k.max_code))
     if fmt.signed:
         signed = code.astype(jnp.int32)
@@ -462,13 +508,77 @@ def quantize(
         m = choose_widths(scale, lower)
         scale = _store_widths(scale, m)
     a = jnp.abs(scale) if m is not None else scale
-    # TOP / scale is subnormal (flushed to 0 by XLA) for scale > 1.6e38: pre-scale such blocks by 2**-64.
-    pre = jnp.where(a > jnp.float32(2.0**64), jnp.float32(2.0**-64), jnp.float32(1.0))
-    inv = _top(fmt, m) / jnp.maximum(a * pre, _tiny())
-    normalized = (xf * _expand(pre, n)) * _expand(inv, n)
-    positive = None if fmt.signed else xf > 0
-    codes = encode_values(normalized, fmt, bits, positive, None if m is None else _block_params(fmt, m, n))
+    if fmt.signed:
+        # TOP / scale is subnormal (flushed to 0 by XLA) for scale > 1.6e38: pre-scale such blocks by 2**-64.
+        pre = jnp.where(a > jnp.float32(2.0**64), jnp.float32(2.0**-64), jnp.float32(1.0))
+        inv = _top(fmt, m) / jnp.maximum(a * pre, _tiny())
+        codes = encode_values((xf * _expand(pre, n)) * _expand(inv, n), fmt, bits)
+        return codes, scale
+    # Normalized to 2**LIFT times the code values, so that the multiplier is a normal float32
+    # for every scale from FLOOR (where decoding starts) to the float32 maximum: one multiply.
+    inv = (_top(fmt, m) * jnp.float32(2.0**_LIFT)) / jnp.maximum(a, jnp.float32(FLOOR))
+    k = None if m is None else _block_params(fmt, m, n, _LIFT)
+    codes = encode_values(jnp.abs(xf) * _expand(inv, n), fmt, bits, xf > 0, k, lift=_LIFT)
     return codes, scale
+
+
+def ema_step(
+    codes: jax.Array,
+    scales: jax.Array,
+    decay: jax.Array,
+    one_minus_decay: jax.Array,
+    g: jax.Array,
+    seed: jax.Array | None,
+    upper: jax.Array,
+    lower: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    r"""The unsigned blocks ``(codes, scales)`` of :math:`S` updated to :math:`\rho S + (1 - \rho) |g|^2`, re-encoded.
+
+    The same codes as ``quantize(rho * dequantize(codes, scales) + (1 - rho) |g|^2, ...,
+    scale=upper, lower=lower)`` up to float32 rounding, in fewer operations per element:
+    the block constants are folded, so that the normalized value is
+    :math:`\alpha c + (\beta g) g` (:math:`c` the old code value, :math:`\alpha = \rho\,
+    \mathrm{factor}_{old} \cdot 2^8 T / A`, :math:`\beta = (1 - \rho) 2^8 T / A`), and
+    values beyond the new scale (or ``inf``) get the largest code, which is how ``S``
+    saturates. A positive normalized value never gets the zero code.
+
+    Args:
+      codes, scales: the old state of one leaf (``uint8`` codes, float32 scales).
+      decay, one_minus_decay: :math:`\rho` and :math:`1 - \rho` (float scalars).
+      g: the gradient, shaped like ``codes`` (real or complex; computed in float32).
+      seed: a uint32 scalar for stochastic rounding (:func:`_stochastic_rounding.step_seed`),
+        or None for round-to-nearest. Each element's random bits hash the seed with its
+        own inputs (the bits of ``g`` and the old code): elements with the same old value
+        and gradient round alike, as any two equal inputs of the float32 update give equal
+        outputs, and the stream costs no element index.
+      upper, lower: per block, an upper bound of the new ``S`` (the new scale) and a
+        lower bound of its positive values (picks each block's width), as in :func:`quantize`.
+
+    Returns:
+      ``(codes, scales)`` of the new ``S``.
+    """
+    fmt = UNSIGNED
+    n = codes.shape[-1]
+    a_old, m_old = split_scales(scales)
+    old = decode_codes(codes, fmt, _block_params(fmt, m_old, n))
+    m = choose_widths(upper, lower)
+    stored = _store_widths(upper, m)
+    inv = (_top(fmt, m) * jnp.float32(2.0**_LIFT)) / jnp.maximum(upper, jnp.float32(FLOOR))
+    alpha = _once(jnp.asarray(decay, jnp.float32) * _factor(a_old, fmt, m_old) * inv, m)
+    beta = _expand(_once(jnp.asarray(one_minus_decay, jnp.float32) * inv, m), n)
+    if jnp.iscomplexobj(g):
+        re, im = g.real.astype(jnp.float32), g.imag.astype(jnp.float32)
+        y = _expand(alpha, n) * old + ((beta * re) * re + (beta * im) * im)
+        raw = jax.lax.bitcast_convert_type(re, jnp.uint32) ^ (jax.lax.bitcast_convert_type(im, jnp.uint32) >> _u32(1))
+    else:
+        gf = g.astype(jnp.float32)
+        y = _expand(alpha, n) * old + (beta * gf) * gf
+        raw = jax.lax.bitcast_convert_type(gf, jnp.uint32)
+    bits = None
+    if seed is not None:
+        bits = _stochastic_rounding.element_hash(raw ^ (codes.astype(jnp.uint32) << _u32(24)) ^ seed)
+    new = encode_values(y, fmt, bits, y > 0, _block_params(fmt, m, n, _LIFT), lift=_LIFT)
+    return new, stored
 
 
 def dequantize(codes: jax.Array, scales: jax.Array, fmt: Format) -> jax.Array:

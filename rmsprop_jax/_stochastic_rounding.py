@@ -9,7 +9,9 @@ with :math:`|g^2/S - 1| < 2`, so ``S`` stays where it is. Stochastic rounding ro
 so :math:`\mathbb{E}[\mathrm{round}(x)] = x` and the EMA is unbiased.
 
 The random bits come from :func:`random_bits`: a counter-based hash of the element's
-index, a key kept in the optimizer state, the step count and a per-buffer salt. They
+index, a key kept in the optimizer state, the step count and a per-buffer salt. (The
+8-bit ``S`` hashes the element's own inputs with that seed instead of its index,
+see ``_quantize.ema_step``: the index costs several operations per element there.) They
 are reproducible (the same state and step give the same bits, on any device layout: the
 index is the global one) and cheap (a few integer operations per element, against
 tens for ``jax.random.bits``' threefry, which would dominate the optimizer step on CPU).
@@ -68,13 +70,17 @@ def random_bits(key: jax.Array, count: jax.Array, salt: int, shape: tuple[int, .
     Returns:
       A uint32 array of ``shape``.
     """
+    return element_hash(_flat_index(shape) ^ step_seed(key, count, salt))
+
+
+def step_seed(key: jax.Array, count: jax.Array, salt: int) -> jax.Array:
+    """The 32-bit seed of one buffer of one leaf at one step: ``(key, count, salt)`` hashed (a uint32 scalar)."""
     key = jnp.asarray(key, jnp.uint32)
     c = jnp.asarray(count).astype(jnp.uint32)
-    seed = _mix(key[0] ^ _mix(c ^ _mix(_u32(salt) ^ _mix(key[1] ^ _u32(0x9E3779B9)))))
-    return _element_hash(_flat_index(shape) ^ seed)
+    return _mix(key[0] ^ _mix(c ^ _mix(_u32(salt) ^ _mix(key[1] ^ _u32(0x9E3779B9)))))
 
 
-def _element_hash(x: jax.Array) -> jax.Array:
+def element_hash(x: jax.Array) -> jax.Array:
     """Two multiply-xorshift rounds: high bits that depend on every input bit (the rounding uses the high bits)."""
     x = x * _u32(0x7FEB352D)
     x = x ^ (x >> _u32(15))

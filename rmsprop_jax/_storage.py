@@ -341,7 +341,7 @@ class Storage:
         bound = grad_bound() if kind is Kind.INT8 or mu_int8 else None
         if kind is Kind.INT8:
             assert nu_a is not None and bound is not None
-            store_nu = self._int8_nu_store(nu_v, nu_a, bound, scalars, key, count, index)
+            store_nu = self._int8_nu_store(nu_v, nu_a, g, bound, scalars, key, count, index)
         else:
             store_nu = self._float_store(nu_v.dtype, ct, key, count, index, 0, True)
         store_mu = None
@@ -370,18 +370,25 @@ class Storage:
         self,
         codes: jax.Array,
         scales: jax.Array,
+        g: jax.Array,
         grad_bound: jax.Array,
         scalars: Any,
         key: Any,
         count: jax.Array,
         index: int,
     ) -> Any:
-        """The ``_kernel.Store`` of an 8-bit ``S`` leaf: new codes and scales, and the ``S`` they decode to."""
+        """The ``_kernel.Store`` of an 8-bit ``S`` leaf: new codes and scales, and the ``S`` they decode to.
+
+        It encodes the new ``S`` from the old codes and ``g`` itself (:func:`_quantize.ema_step`,
+        per-block constants folded into one multiply-add), not from the kernel's value,
+        which equals it up to float32 rounding; XLA then drops the kernel's copy.
+        """
 
         def store(x: jax.Array) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-            upper, lower = self._nu_range_bound(codes, scales, grad_bound, scalars.decay, scalars.one_minus_decay)
-            bits = self.bits(key, count, index, 0, codes.shape)
-            new = _quantize.quantize(x, self.block_size, _quantize.UNSIGNED, bits, upper, lower)
+            d, omd = scalars.decay, scalars.one_minus_decay
+            upper, lower = self._nu_range_bound(codes, scales, grad_bound, d, omd)
+            seed = _stochastic_rounding.step_seed(key, count, 4 * index) if self.stochastic_rounding else None
+            new = _quantize.ema_step(codes, scales, d, omd, g, seed, upper, lower)
             return new, _quantize.dequantize(*new, _quantize.UNSIGNED).astype(x.dtype)
 
         return store

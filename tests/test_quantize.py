@@ -469,3 +469,120 @@ def test_no_positive_value_decodes_to_zero_at_any_width(x, fraction, stochastic)
     assert np.all(got[x > 0] > 0)
     assert np.all(got[x == 0] == 0)
     assert np.all(np.isfinite(got)) and np.all(got >= 0)
+
+
+def _ema_case(seed: int, rho: float, shape=(6, 1000), block=256):
+    """Old 8-bit S of several ranges (one row of zeros), a gradient with a spike, and the bounds the step uses."""
+    rng = np.random.default_rng(seed)
+    s_old = _positive(shape, seed=seed, sigma=1.0) * (10.0 ** rng.integers(-8, 3, size=(shape[0], 1)))
+    s_old[1] = rng.uniform(1e-3, 1.2e-3, shape[-1])  # a narrow range: 7-bit blocks
+    s_old[-1, :100] = 0.0  # a block holding zeros keeps 4 bits
+    codes, scales = q.quantize(jnp.asarray(s_old.astype(np.float32)), block, q.UNSIGNED)
+    decoded = np.asarray(q.dequantize(codes, scales, q.UNSIGNED), np.float64)
+    g = (rng.standard_normal(shape) * 10.0 ** rng.integers(-5, 1, size=(shape[0], 1))).astype(np.float32)
+    g[1] *= 1e-5 / np.abs(g[1]).max()  # keeps row 1 narrow
+    g[0, 17] = 1e4  # a spike: its block's scale grows with it
+    b = _b(shape[-1], block)
+    starts = range(0, shape[-1], b)
+
+    def per_block(x, f):
+        return np.stack([f(x[..., s : s + b], axis=-1) for s in starts], -1)
+
+    upper = rho * per_block(decoded, np.max) + (1 - rho) * per_block(np.abs(g.astype(np.float64)), np.max) ** 2
+    lower = rho * per_block(decoded, np.min)
+    want = rho * decoded + (1 - rho) * g.astype(np.float64) ** 2
+    return codes, scales, g, upper.astype(np.float32), lower.astype(np.float32), want, b
+
+
+class EmaStepTest(chex.TestCase):
+    """``ema_step`` (the 8-bit S update with folded constants) against float64 S and the documented code maps."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(0.9, 0.999)
+    def test_nearest_is_the_closest_level_of_each_blocks_width(self, rho):
+        codes, scales, g, upper, lower, want, b = _ema_case(0, rho)
+        step = self.variant(
+            lambda c, s, g_, u, lo: q.ema_step(c, s, jnp.float32(rho), jnp.float32(1 - rho), g_, None, u, lo)
+        )
+        new_codes, new_scales = step(codes, scales, jnp.asarray(g), jnp.asarray(upper), jnp.asarray(lower))
+        new_scales = np.asarray(new_scales)
+        m = _width_rule(upper, lower)
+        np.testing.assert_array_equal(np.asarray(q.split_scales(new_scales)[1]), m)
+        np.testing.assert_allclose(np.abs(new_scales), upper, rtol=4 * 2.0**-23)
+        assert (m == 4).any() and (m == 7).any()
+        got = np.asarray(q.dequantize(new_codes, new_scales, q.UNSIGNED), np.float64)
+        for idx in np.ndindex(want.shape[:-1]):
+            for k, s in enumerate(range(0, want.shape[-1], b)):
+                amp = float(np.abs(new_scales[(*idx, k)]))
+                levels = _width_table(int(m[(*idx, k)])) * amp / (2 - 2.0 ** -int(m[(*idx, k)]))
+                v = want[idx][s : s + b]
+                nearest = levels[np.argmin(np.abs(levels[None, :] - v[:, None]), axis=-1)]
+                nearest = np.where((v > 0) & (nearest == 0), levels[1], nearest)  # never 0 for a positive S
+                got_b = got[idx][s : s + b]
+                # Folding the block constants moves S by a few float32 ulps: a near-tie may go either way.
+                assert np.all(np.abs(np.abs(got_b - v) - np.abs(nearest - v)) <= 1e-6 * v + 1e-9 * amp), (idx, k)
+        assert np.all((got > 0) == (want > 0))
+
+    def test_stochastic_rounding_is_unbiased_over_steps(self):
+        """Over many steps (seeds) each element's decoded S averages to the float64 value."""
+        rho = 0.999
+        codes, scales, g, upper, lower, want, b = _ema_case(1, rho, shape=(2, 512), block=256)
+        seeds = jax.vmap(lambda c: sr.step_seed(sr.new_key(3), c, 0))(jnp.arange(4000))
+        step = jax.jit(
+            jax.vmap(
+                lambda sd: q.dequantize(
+                    *q.ema_step(
+                        codes, scales, jnp.float32(rho), jnp.float32(1 - rho), jnp.asarray(g), sd, upper, lower
+                    ),
+                    q.UNSIGNED,
+                )
+            )
+        )
+        got = np.asarray(step(seeds), np.float64)  # (4000, 2, 512)
+        new_scales = np.asarray(q.ema_step(codes, scales, rho, 1 - rho, jnp.asarray(g), None, upper, lower)[1])
+        m = np.asarray(q.split_scales(new_scales)[1])
+        for idx in np.ndindex(want.shape):
+            k = idx[-1] // b
+            amp, mk = float(np.abs(new_scales[idx[0], k])), int(m[idx[0], k])
+            levels = _width_table(mk) * amp / (2 - 2.0**-mk)
+            v = want[idx]
+            samples = got[(slice(None), *idx)]
+            if 0 < v < levels[1]:  # below the smallest positive level (the spike's block): rounded up, never 0
+                np.testing.assert_allclose(samples, levels[1], rtol=1e-6)
+                continue
+            lo = levels[levels <= v].max()
+            hi = levels[levels > lo].min()
+            below = levels[levels < lo].max() if (levels < lo).any() else lo
+            # Only the two neighbours (or, for v within float32 rounding of lo, the level below it).
+            near = (v - lo) <= 1e-6 * v
+            allowed = [lo, hi, below] if near else [lo, hi]
+            assert np.all(np.any(np.isclose(samples[:, None], np.array(allowed)[None, :], rtol=1e-6), -1)), idx
+            p = np.clip((v - lo) / (hi - lo), 0, 1)
+            sigma = (hi - lo) * np.sqrt(p * (1 - p) / samples.size)
+            # 5 sigma, plus 1e-3 of a gap for the float32 rounding of the folded constants.
+            assert abs(samples.mean() - v) <= 5 * sigma + 1e-3 * (hi - lo), (idx, samples.mean(), v, sigma)
+
+    def test_the_random_bits_depend_on_the_inputs_and_the_seed(self):
+        """Equal inputs (old code and gradient) round alike; other inputs or another seed round independently."""
+        x = np.full((1, 4096), 0.3, np.float32)
+        codes, scales = q.quantize(jnp.asarray(x), 4096, q.UNSIGNED)
+        g = np.full((1, 4096), 0.37, np.float32)
+        g[0, 2048:] = np.random.default_rng(0).uniform(0.36, 0.38, 2048).astype(np.float32)
+        args = (codes, scales, jnp.float32(0.9), jnp.float32(0.1), jnp.asarray(g))
+        bound = (jnp.asarray([[0.3 * 0.9 + 0.1 * 0.38**2]]), jnp.asarray([[0.3 * 0.9]]))
+        a = np.asarray(q.ema_step(*args, jnp.uint32(1), *bound)[0])[0]
+        b = np.asarray(q.ema_step(*args, jnp.uint32(2), *bound)[0])[0]
+        assert len(set(a[:2048].tolist())) == 1  # identical inputs: one rounding
+        assert len(set(a[2048:].tolist())) > 1  # distinct gradients: both neighbours occur
+        assert (a[2048:] != b[2048:]).mean() > 0.2  # a new seed is a new draw
+
+    def test_non_finite_gradients_saturate_the_element(self):
+        codes, scales, g, upper, lower, _, _ = _ema_case(2, 0.9, shape=(2, 512))
+        g[0, 5] = np.inf
+        upper[0, 0] = np.finfo(np.float32).max  # what _nu_range_bound gives for an infinite gradient
+        new_codes, new_scales = q.ema_step(
+            codes, scales, jnp.float32(0.9), jnp.float32(0.1), jnp.asarray(g), None, upper, lower
+        )
+        got = np.asarray(q.dequantize(new_codes, new_scales, q.UNSIGNED))
+        assert np.asarray(new_codes)[0, 5] == 255 and np.all(np.isfinite(got))
+        assert got[0, 5] == pytest.approx(float(np.abs(np.asarray(new_scales)[0, 0])), rel=2**-20)
