@@ -15,7 +15,8 @@ here store it in less memory:
   column statistics (:mod:`._factored`).
 
 All the arithmetic still runs in float32 (or float64): values are decoded, updated as
-in the float path, and encoded again. The update is computed from the new ``S`` (and
+in the float path, and encoded again (the 8-bit ``S`` in float32, in one multiply-add per
+element with the block constants folded: ``_quantize.ema_step``). The update is computed from the new ``S`` (and
 16-bit ``m`` and momentum) as stored, decoded back (``_kernel.Store``), so the state a
 checkpoint holds fully determines the step; 8-bit ``m`` and momentum are encoded after it.
 
