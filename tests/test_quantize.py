@@ -498,9 +498,12 @@ class EmaStepTest(chex.TestCase):
     """``ema_step`` (the 8-bit S update with folded constants) against float64 S and the documented code maps."""
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(0.9, 0.999)
-    def test_nearest_is_the_closest_level_of_each_blocks_width(self, rho):
+    @parameterized.product(rho=(0.9, 0.999), complex_g=(False, True))
+    def test_nearest_is_the_closest_level_of_each_blocks_width(self, rho, complex_g):
         codes, scales, g, upper, lower, want, b = _ema_case(0, rho)
+        if complex_g:  # the same |g| at a random phase: the same float64 S
+            phase = np.random.default_rng(1).uniform(0, 2 * np.pi, g.shape)
+            g = (g * np.cos(phase) + 1j * (g * np.sin(phase))).astype(np.complex64)
         step = self.variant(
             lambda c, s, g_, u, lo: q.ema_step(c, s, jnp.float32(rho), jnp.float32(1 - rho), g_, None, u, lo)
         )
