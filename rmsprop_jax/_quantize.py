@@ -507,19 +507,27 @@ def quantize(
             raise ValueError("lower applies to the unsigned map only")
         m = choose_widths(scale, lower)
         scale = _store_widths(scale, m)
-    a = jnp.abs(scale) if m is not None else scale
     if fmt.signed:
+        a = scale
         # TOP / scale is subnormal (flushed to 0 by XLA) for scale > 1.6e38: pre-scale such blocks by 2**-64.
         pre = jnp.where(a > jnp.float32(2.0**64), jnp.float32(2.0**-64), jnp.float32(1.0))
         inv = _top(fmt, m) / jnp.maximum(a * pre, _tiny())
         codes = encode_values((xf * _expand(pre, n)) * _expand(inv, n), fmt, bits)
         return codes, scale
-    # Normalized to 2**LIFT times the code values, so that the multiplier is a normal float32
-    # for every scale from FLOOR (where decoding starts) to the float32 maximum: one multiply.
-    inv = (_top(fmt, m) * jnp.float32(2.0**_LIFT)) / jnp.maximum(a, jnp.float32(FLOOR))
+    inv = _unsigned_multiplier(scale, m)
     k = None if m is None else _block_params(fmt, m, n, _LIFT)
     codes = encode_values(jnp.abs(xf) * _expand(inv, n), fmt, bits, xf > 0, k, lift=_LIFT)
     return codes, scale
+
+
+def _unsigned_multiplier(stored: jax.Array, m: jax.Array | None) -> jax.Array:
+    """Per block, what the unsigned encoder multiplies values by: ``2**LIFT * T_m / |stored scale|``.
+
+    Normalized to 2**LIFT times the code values, the multiplier is a normal float32 for
+    every scale from FLOOR (where decoding starts) to the float32 maximum: one multiply.
+    It reads the stored scale (width marks included), as the decoder does.
+    """
+    return (_top(UNSIGNED, m) * jnp.float32(2.0**_LIFT)) / jnp.maximum(jnp.abs(stored), jnp.float32(FLOOR))
 
 
 def ema_step(
@@ -563,7 +571,7 @@ def ema_step(
     old = decode_codes(codes, fmt, _block_params(fmt, m_old, n))
     m = choose_widths(upper, lower)
     stored = _store_widths(upper, m)
-    inv = (_top(fmt, m) * jnp.float32(2.0**_LIFT)) / jnp.maximum(upper, jnp.float32(FLOOR))
+    inv = _unsigned_multiplier(stored, m)
     alpha = _once(jnp.asarray(decay, jnp.float32) * _factor(a_old, fmt, m_old) * inv, m)
     beta = _expand(_once(jnp.asarray(one_minus_decay, jnp.float32) * inv, m), n)
     if jnp.iscomplexobj(g):
