@@ -8,8 +8,8 @@ from rmsprop_jax._diagnostics import (
     EffectiveLearningRate as EffectiveLearningRate,
     effective_learning_rate as effective_learning_rate,
 )
-from rmsprop_jax._flat import flatten_params as flatten_params
-from rmsprop_jax._fused import FlatState as FlatState, flat_apply as flat_apply, flat_init as flat_init
+from rmsprop_jax._flat_layout import flatten_params as flatten_params
+from rmsprop_jax._flat_mode import FlatState as FlatState, flat_apply as flat_apply, flat_init as flat_init
 from rmsprop_jax._sharding import zero1_shardings as zero1_shardings
 from rmsprop_jax._storage import StoredBuffer as StoredBuffer, decode_state as decode_state
 from rmsprop_jax._transform import ScaleByRmsState as ScaleByRmsState, scale_by_rms as scale_by_rms

@@ -230,7 +230,7 @@ def rms_normalize(
             den = _larger(den, bound)
         else:
             # max(den, bound or 0) equals where(special, max(den, bound), den) for den, bound >= 0,
-            # and reads den once: XLA then fuses S and the step into one loop (see _fused.py).
+            # and reads den once: XLA then fuses S and the step into one loop (see _flat_mode.py).
             den = jnp.maximum(den, jnp.where(special, bound, jnp.zeros_like(bound)))
     else:
         x = nu_new

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _flat
+from rmsprop_jax import _flat_layout
 
 
 _PACKABLE = ("float32", "float64")
@@ -103,7 +103,7 @@ class FlatState:
 class _StateLayout:
     """Static part of :class:`FlatState`: hashable, compared by value."""
 
-    def __init__(self, params: _flat.FlatLayout, state_treedef: Any, packed: tuple[tuple[str, int], ...]) -> None:
+    def __init__(self, params: _flat_layout.FlatLayout, state_treedef: Any, packed: tuple[tuple[str, int], ...]) -> None:
         self.params = params
         self.state_treedef = state_treedef
         self.packed = packed
@@ -126,7 +126,7 @@ def _check_optimizer(optimizer: Any) -> None:
         )
 
 
-def _candidates(layout: _flat.FlatLayout, state: Any) -> dict[str, list[int]]:
+def _candidates(layout: _flat_layout.FlatLayout, state: Any) -> dict[str, list[int]]:
     """For each float32/float64 buffer, the state leaves that could share it (same dtype and length)."""
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     out: dict[str, list[int]] = {}
@@ -145,7 +145,7 @@ def _candidates(layout: _flat.FlatLayout, state: Any) -> dict[str, list[int]]:
 
 
 def _bytes_accessed(
-    optimizer: Any, layout: _flat.FlatLayout, leaves: list[Any], state_treedef: Any, packed: tuple[tuple[str, int], ...]
+    optimizer: Any, layout: _flat_layout.FlatLayout, leaves: list[Any], state_treedef: Any, packed: tuple[tuple[str, int], ...]
 ) -> float | None:
     """XLA's count of the bytes one compiled step reads and writes, or None when unavailable."""
     sds = jax.ShapeDtypeStruct
@@ -173,7 +173,7 @@ MIN_PACKED_SIZE = 1 << 16
 
 
 def _choose_packing(
-    optimizer: Any, layout: _flat.FlatLayout, state: Any, pack: bool | str
+    optimizer: Any, layout: _flat_layout.FlatLayout, state: Any, pack: bool | str
 ) -> tuple[tuple[str, int], ...]:
     """Which state leaf, if any, to store in each buffer's imaginary part.
 
@@ -268,8 +268,8 @@ def flat_init(optimizer: optax.GradientTransformation, params: Any, *, pack: boo
     _check_optimizer(optimizer)
     if not (isinstance(pack, bool | np.bool_) or (isinstance(pack, str) and pack == "auto")):
         raise ValueError(f"pack must be 'auto', True or False; got {pack!r}.")
-    flat, layout = _flat.flatten_params(params)
-    assert isinstance(layout, _flat.FlatLayout)
+    flat, layout = _flat_layout.flatten_params(params)
+    assert isinstance(layout, _flat_layout.FlatLayout)
     state = optimizer.init(flat)
     leaves, state_treedef = jax.tree.flatten(state)
     packed = _choose_packing(optimizer, layout, state, bool(pack) if not isinstance(pack, str) else pack)

@@ -16,7 +16,7 @@ import pytest
 from absl.testing import parameterized
 
 import rmsprop_jax
-from rmsprop_jax import _fused
+from rmsprop_jax import _flat_mode
 from tests import reference
 from tests.test_flat import assert_ulp, mixed_tree
 
@@ -211,16 +211,16 @@ class CompiledStepTest(parameterized.TestCase):
 def test_auto_keeps_small_buffers_unpacked(monkeypatch):
     """Under MIN_PACKED_SIZE elements, packing costs more than it saves (measured on the digits MLP)."""
     opt = rmsprop_jax.rmsprop(0.1)
-    small = {"w": jnp.ones(_fused.MIN_PACKED_SIZE - 1)}
+    small = {"w": jnp.ones(_flat_mode.MIN_PACKED_SIZE - 1)}
     assert rmsprop_jax.flat_init(opt, small).layout.packed == ()
     assert rmsprop_jax.flat_init(opt, small, pack=True).layout.packed == (("float32", 1),)  # still on request
-    monkeypatch.setattr(_fused, "MIN_PACKED_SIZE", 0)
+    monkeypatch.setattr(_flat_mode, "MIN_PACKED_SIZE", 0)
     assert rmsprop_jax.flat_init(opt, small).layout.packed == (("float32", 1),)
 
 
 def test_auto_without_a_cost_model_packs_a_lone_state_buffer(monkeypatch):
-    monkeypatch.setattr(_fused, "_bytes_accessed", lambda *args: None)
-    monkeypatch.setattr(_fused, "MIN_PACKED_SIZE", 0)
+    monkeypatch.setattr(_flat_mode, "_bytes_accessed", lambda *args: None)
+    monkeypatch.setattr(_flat_mode, "MIN_PACKED_SIZE", 0)
     params = {"w": jnp.ones(4)}
     assert rmsprop_jax.flat_init(rmsprop_jax.rmsprop(0.1), params).layout.packed == (("float32", 1),)
     assert rmsprop_jax.flat_init(rmsprop_jax.rmsprop(0.1, momentum=0.9), params).layout.packed == ()
