@@ -1,14 +1,13 @@
 """``rmsprop``: the complete optimizer, every convention an option."""
 
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import jax
 import jax.typing
-import numpy as np
 import optax
 
-from rmsprop_jax import _dtypes, _kernel, _nonfinite, _storage, _tree, _validation
-from rmsprop_jax._second_moment import STATE_NAME, ScalarCache, SecondMoment, new_count, zero_count
+from rmsprop_jax import _step
+from rmsprop_jax._config import RmsConfig
 
 
 class RmspropState(NamedTuple):
@@ -31,13 +30,6 @@ class RmspropState(NamedTuple):
     mu: optax.Updates
     trace: optax.Updates
     nonfinite_count: Any = optax.EmptyState()
-
-
-_NO_PARAMS = (
-    "rmsprop(weight_decay={wd}) needs the parameters: call update(grads, state, params). "
-    "(Under optax.inject_hyperparams weight_decay is a traced value, so params are needed "
-    "unless weight_decay is listed in static_args.)"
-)
 
 
 def rmsprop(
@@ -189,187 +181,5 @@ def rmsprop(
       Graves, `Generating Sequences With Recurrent Neural Networks
       <https://arxiv.org/abs/1308.0850>`_, 2013.
     """
-    sm = SecondMoment.with_storage(
-        decay=decay,
-        eps=eps,
-        eps_in_sqrt=eps_in_sqrt,
-        initial_scale=initial_scale,
-        centered=centered,
-        bias_correction=bias_correction,
-        state_dtype=state_dtype,
-        stochastic_rounding=stochastic_rounding,
-        block_size=block_size,
-        min_8bit_size=min_8bit_size,
-        factored=factored,
-        rounding_seed=rounding_seed,
-    )
-    storage = sm.storage
-    _validation.check_finite("learning_rate", learning_rate)
-    for name, flag in (
-        ("nesterov", nesterov),
-        ("lr_after_momentum", lr_after_momentum),
-        ("decoupled_weight_decay", decoupled_weight_decay),
-        ("maximize", maximize),
-    ):
-        if not isinstance(flag, bool | np.bool_):
-            raise TypeError(f"{name} must be a bool; got {flag!r}.")
-    if momentum is not None:
-        _validation.check_interval("momentum", momentum, 0.0, 1.0, high_open=True)
-    elif nesterov:
-        raise ValueError("nesterov=True needs momentum; got momentum=None. Pass momentum in [0, 1).")
-    _validation.check_interval("weight_decay", weight_decay, 0.0, float("inf"), high_open=True)
-
-    mode = _nonfinite.check_mode(on_nonfinite)
-    wd_known = _validation.concrete(weight_decay)
-    use_wd = wd_known is None or float(wd_known) != 0.0
-    use_momentum = momentum is not None
-
-    def init_fn(params: optax.Params) -> RmspropState:
-        nu, mu = sm.init(params)
-        if not use_momentum:
-            trace = optax.EmptyState()
-        elif not storage.is_default:
-            trace = storage.init_signed(params)
-        else:
-            trace = jax.tree.map(
-                lambda p: _tree.full_like(p, 0, _dtypes.state_dtypes(_tree.leaf_dtype(p), sm.state_dtype)[1]),
-                params,
-            )
-        return RmspropState(count=zero_count(), nu=nu, mu=mu, trace=trace, nonfinite_count=_nonfinite.init_count(mode))
-
-    def update_step(
-        updates: optax.Updates, state: optax.OptState, params: optax.Params | None, lr_t: Any, decay_t: Any
-    ) -> tuple[optax.Updates, RmspropState]:
-        # lr_t, decay_t: the schedules' values at state.count (None for constants).
-        state = cast(RmspropState, state)
-        _nonfinite.check_counter(mode, state.nonfinite_count)
-        treedef, grads, nus, mus = sm.unpack(
-            updates, state.nu, state.mu, jax.tree.leaves(_storage.values_of(state.trace)) if use_momentum else None
-        )
-        gs, all_finite = _nonfinite.screen(mode, [g for _, g in grads])
-        n = treedef.num_leaves
-        if use_wd and n:
-            if params is None:
-                raise ValueError(_NO_PARAMS.format(wd=_validation.describe(weight_decay)))
-            ps: list[Any] = _tree.flatten_like(
-                params, treedef, name="params", reference_name=STATE_NAME, reference=_storage.values_of(state.nu)
-            )
-            refs = sm.shape_references(state.nu)
-            for (path, p), nu_leaf in zip(_tree.leaves_with_paths(params)[0], refs, strict=True):
-                _tree.check_leaf(p, nu_leaf, path, name="params")
-        else:
-            ps = [None] * n
-        if not use_momentum:
-            bufs: list[Any] = [None] * n
-        elif storage.is_default:
-            bufs = jax.tree.leaves(state.trace)
-        else:
-            bufs = _storage.leaves(state.trace, n)
-        key = state.nu.key if isinstance(state.nu, _storage.StoredBuffer) else None
-
-        count = new_count(state.count)
-
-        def make_scalars(ct: np.dtype) -> tuple[Any, ...]:
-            lr = _kernel.scalar(learning_rate if lr_t is None else lr_t, ct)
-            mom = _kernel.scalar(momentum, ct) if use_momentum else None
-            wd = _kernel.scalar(weight_decay, ct) if use_wd else None
-            return sm.scalars(state.count, count, ct, decay_t), lr, mom, wd
-
-        scalars = ScalarCache(make_scalars)
-        out_u, out_nu, out_mu, out_b = [], [], [], []
-        for i, (g, p, nu, mu, b) in enumerate(zip(gs, ps, nus, mus, bufs, strict=True)):
-            ct = _dtypes.compute_dtype(g.dtype, (nu if storage.is_default else nu[0]).dtype)
-            rms_scalars, lr, mom, wd = scalars(ct)
-            gc = _dtypes.as_compute(g, ct)
-            if maximize:
-                gc = -gc
-            pc = None if p is None else _dtypes.as_compute(p, ct)
-            coupled = use_wd and not decoupled_weight_decay
-            if coupled:
-                assert wd is not None and pc is not None
-                gc = gc + _kernel.scale(wd, pc)
-            if storage.is_default:
-                u, nu_new, mu_new = sm.step(gc, nu, mu, rms_scalars, ct)
-            else:
-                # A bound of |g + wd p| per 8-bit block, from plain maxima of g and p.
-                def grad_bound(g: Any = g, p: Any = p, wd: Any = wd, coupled: bool = coupled) -> jax.Array:
-                    return storage.grad_block_bound(g, p if coupled else None, wd if coupled else None)
-
-                u, nu_new, mu_new = sm.step_stored(i, gc, nu, mu, rms_scalars, ct, key, state.count, grad_bound)
-
-            b_new = None
-            b_c = None
-            b_out = None
-            keep: Any = None  # for a narrower stored buffer: the new one as stored, and its value
-            if use_momentum:
-                assert mom is not None and b is not None
-                if storage.is_default:
-                    b_c = _dtypes.as_compute(b, ct)
-                    keep = _dtypes.round_trip(b.dtype, ct)
-                else:
-                    b_c = storage.decode_signed(b, ct)
-                    keep = storage.signed_store(b, ct, key, state.count, i)
-            if not use_momentum:
-                step = _kernel.scale(lr, u)
-            elif not lr_after_momentum:
-                assert b_c is not None
-                lr_u = _kernel.scale(lr, u)
-                b_new = _kernel.scale(mom, b_c) + lr_u
-                if keep is not None:
-                    b_out, b_new = keep(b_new)
-                step = lr_u + _kernel.scale(mom, b_new) if nesterov else b_new
-            else:
-                assert b_c is not None
-                b_new = _kernel.scale(mom, b_c) + u
-                if keep is not None:
-                    b_out, b_new = keep(b_new)
-                step = _kernel.scale(lr, u + _kernel.scale(mom, b_new) if nesterov else b_new)
-            if use_wd and decoupled_weight_decay:
-                assert wd is not None and pc is not None
-                step = step + _kernel.scale(lr * wd, pc)
-
-            out_u.append((-step).astype(g.dtype))
-            out_nu.append(nu_new)
-            out_mu.append(mu_new)
-            if b_new is None:
-                out_b.append(None)
-            elif storage.is_default:
-                out_b.append(b_new.astype(b.dtype) if b_out is None else b_out)
-            else:
-                out_b.append(storage.encode_signed(b_new, b, key, state.count, i) if b_out is None else b_out)
-
-        def rebuild(leaves: list[Any], enabled: bool, old: Any) -> Any:
-            if not enabled:
-                return old
-            if storage.is_default:
-                return jax.tree.unflatten(treedef, leaves)
-            return _storage.rebuild(old, treedef, leaves)
-
-        new_state = RmspropState(
-            count=count,
-            nu=rebuild(out_nu, True, state.nu),
-            mu=rebuild(out_mu, centered, state.mu),
-            trace=rebuild(out_b, use_momentum, state.trace),
-            nonfinite_count=state.nonfinite_count,
-        )
-        new_state = _nonfinite.skip_state(mode, all_finite, new_state, state)._replace(
-            nonfinite_count=_nonfinite.next_count(mode, state.nonfinite_count, all_finite)
-        )
-        return _nonfinite.skip_updates(mode, all_finite, jax.tree.unflatten(treedef, out_u)), new_state
-
-    step_fn = _validation.compiled(update_step, learning_rate, decay, eps, momentum, weight_decay)
-
-    def update_fn(
-        updates: optax.Updates,
-        state: optax.OptState,
-        params: optax.Params | None = None,
-        **extra_args: Any,
-    ) -> tuple[optax.Updates, RmspropState]:
-        del extra_args
-        # Schedules are evaluated here, as optax does, so that an eager call evaluates them
-        # eagerly too; the step itself is one compiled computation.
-        count = cast(RmspropState, state).count
-        lr_t = learning_rate(count) if callable(learning_rate) else None
-        return step_fn(updates, state, params, lr_t, sm.decay_at(count))
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    cfg = RmsConfig.create(**locals())  # the arguments above, every one checked there
+    return optax.GradientTransformationExtraArgs(*_step.transformation(cfg, RmspropState))

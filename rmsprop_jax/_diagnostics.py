@@ -9,7 +9,7 @@ import jax.typing
 import numpy as np
 import optax
 
-from rmsprop_jax import _dtypes, _storage, _validation
+from rmsprop_jax import _dtypes, _kernel, _storage, _validation
 from rmsprop_jax._alias import RmspropState
 from rmsprop_jax._transform import ScaleByRmsState
 
@@ -248,8 +248,7 @@ def _rates(
                 m2 = m2 + part * part
             v = jnp.maximum(v - m2, 0)
         e = jnp.asarray(eps).astype(ct)
-        den = jnp.sqrt(v + e) if eps_in_sqrt else jnp.sqrt(v) + e
-        return jnp.asarray(lr).astype(ct) / den
+        return jnp.asarray(lr).astype(ct) / _kernel.denominator(v, e, eps_in_sqrt)
 
     if mu is not None:
         per_element = jax.tree.map(rate_leaf, nu, mu)

@@ -89,17 +89,3 @@ def as_compute(x: jax.Array, real: np.dtype) -> jax.Array:
 
 def is_float_dtype(dtype: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.inexact)
-
-
-def round_trip(stored: Any, ct: np.dtype) -> Any:
-    """For a buffer stored in ``stored`` and computed in ``ct``: None when that is lossless,
-    else ``x -> (x stored, x as stored, back in the compute dtype)`` (a ``_kernel.Store``)."""
-    stored = np.dtype(stored)
-    if real_dtype(stored) == np.dtype(ct):
-        return None
-
-    def store(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        kept = x.astype(stored)
-        return kept, as_compute(kept, ct)
-
-    return store

@@ -29,6 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rmsprop_jax import _kernel
+
 
 def is_factored(shape: tuple[int, ...]) -> bool:
     """Whether a leaf of ``shape`` is factored: two or more dimensions."""
@@ -136,7 +138,7 @@ def normalize(
     v = at_most(reconstruct(row_new, col_new))
     if scalars.debias is not None:
         v = v / scalars.debias
-    den = jnp.sqrt(v + scalars.eps) if opts.eps_in_sqrt else jnp.sqrt(v) + scalars.eps
+    den = _kernel.denominator(v, scalars.eps, opts.eps_in_sqrt)
     u = jax.lax.complex(g.real / den, g.imag / den) if jnp.iscomplexobj(g) else g / den
     if opts.eps_may_be_zero:
         u = jnp.where(g == 0, jnp.zeros_like(u), u)

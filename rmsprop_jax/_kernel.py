@@ -209,7 +209,7 @@ def rms_normalize(
     else:
         var = nu_hat
     # With eps outside the root, ``den`` is sqrt(v) until eps is added at the end.
-    den = jnp.sqrt(var + s.eps) if opts.eps_in_sqrt else jnp.sqrt(var)
+    den = root(var, s.eps, opts.eps_in_sqrt)
 
     # Where the stored S saturated (or S / (1 - rho^t) would overflow) ...
     special = None  # None: everywhere (a rounded S may fall below the bound at any element)
@@ -238,12 +238,11 @@ def rms_normalize(
             assert mu_new is not None
             x = jnp.maximum(nu_new - abs_sq(mu_new) / b, 0)
         # sqrt(x / b (+ eps)) = sqrt(x (+ eps b)) / sqrt(b): no overflow for x <= max.
-        safe = jnp.maximum((jnp.sqrt(x + s.eps * b) if opts.eps_in_sqrt else jnp.sqrt(x)) * jax.lax.rsqrt(b), bound)
+        safe = jnp.maximum(
+            root(x, s.eps * b if opts.eps_in_sqrt else s.eps, opts.eps_in_sqrt) * jax.lax.rsqrt(b), bound
+        )
         den = safe if special is None else jnp.where(special, safe, den)
-    if not opts.eps_in_sqrt:
-        den = den + s.eps
-
-    u = divide(g, den)
+    u = divide(g, add_eps(den, s.eps, opts.eps_in_sqrt))
     if opts.eps_may_be_zero:
         # With eps = 0 a zero gradient on a zero average is 0/0; define its step as 0.
         u = jnp.where(g == 0, jnp.zeros_like(u), u)
@@ -252,6 +251,57 @@ def rms_normalize(
 
 Store = Callable[[jax.Array], tuple[Any, jax.Array]]
 """Maps a new state value (compute dtype) to ``(stored form, its decoded value)``."""
+
+
+def root(v: jax.Array, eps: jax.Array, eps_in_sqrt: bool) -> jax.Array:
+    """The root of the denominator: ``sqrt(v + eps)``, or ``sqrt(v)`` when eps is added outside (:func:`add_eps`)."""
+    return jnp.sqrt(v + eps) if eps_in_sqrt else jnp.sqrt(v)
+
+
+def add_eps(den: jax.Array, eps: jax.Array, eps_in_sqrt: bool) -> jax.Array:
+    """The denominator from its root: ``root + eps``, or the root itself when eps is inside."""
+    return den if eps_in_sqrt else den + eps
+
+
+def denominator(v: jax.Array, eps: jax.Array, eps_in_sqrt: bool) -> jax.Array:
+    r"""RMSprop's denominator of the variance ``v``: :math:`\sqrt{v} + \epsilon`, or :math:`\sqrt{v + \epsilon}`."""
+    return add_eps(root(v, eps, eps_in_sqrt), eps, eps_in_sqrt)
+
+
+def add_weight_decay(x: jax.Array, wd: jax.Array, param: jax.Array) -> jax.Array:
+    """``x + wd * param``: coupled weight decay on the gradient, or decoupled on the step (``wd = lr * lambda``)."""
+    return x + scale(wd, param)
+
+
+def momentum(
+    u: jax.Array,
+    b: jax.Array,
+    lr: jax.Array,
+    mom: jax.Array,
+    nesterov: bool,
+    lr_after_momentum: bool,
+    keep: "Store | None",
+) -> tuple[jax.Array, Any]:
+    r"""Heavy-ball momentum on the normalized gradient ``u``: ``(step, new buffer)``.
+
+    :math:`b_t = \mu b_{t-1} + \eta u_t` and step :math:`b_t` (or :math:`\eta u_t + \mu b_t`
+    with Nesterov); with ``lr_after_momentum``, :math:`b_t = \mu b_{t-1} + u_t` and step
+    :math:`\eta b_t` (or :math:`\eta (u_t + \mu b_t)`). ``keep``, for a buffer stored
+    narrower than the compute dtype, rounds the new buffer before the step reads it; the
+    buffer is then returned in its stored form.
+    """
+    lr_u = None
+    if lr_after_momentum:
+        b_new = scale(mom, b) + u
+    else:
+        lr_u = scale(lr, u)
+        b_new = scale(mom, b) + lr_u
+    b_out = b_new
+    if keep is not None:
+        b_out, b_new = keep(b_new)
+    if lr_u is None:
+        return scale(lr, u + scale(mom, b_new) if nesterov else b_new), b_out
+    return (lr_u + scale(mom, b_new) if nesterov else b_new), b_out
 
 
 def _larger(den: jax.Array, bound: jax.Array) -> jax.Array:

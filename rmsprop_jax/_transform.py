@@ -1,13 +1,13 @@
 """``scale_by_rms``: the RMSprop normalization as a composable building block."""
 
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import jax
 import jax.typing
 import optax
 
-from rmsprop_jax import _dtypes, _nonfinite, _storage, _validation
-from rmsprop_jax._second_moment import ScalarCache, SecondMoment, new_count, zero_count
+from rmsprop_jax import _step
+from rmsprop_jax._config import RmsConfig
 
 
 class ScaleByRmsState(NamedTuple):
@@ -154,84 +154,5 @@ def scale_by_rms(
       Graves, `Generating Sequences With Recurrent Neural Networks
       <https://arxiv.org/abs/1308.0850>`_, 2013.
     """
-    sm = SecondMoment.with_storage(
-        decay=decay,
-        eps=eps,
-        eps_in_sqrt=eps_in_sqrt,
-        initial_scale=initial_scale,
-        centered=centered,
-        bias_correction=bias_correction,
-        state_dtype=state_dtype,
-        stochastic_rounding=stochastic_rounding,
-        block_size=block_size,
-        min_8bit_size=min_8bit_size,
-        factored=factored,
-        rounding_seed=rounding_seed,
-    )
-    storage = sm.storage
-
-    mode = _nonfinite.check_mode(on_nonfinite)
-
-    def init_fn(params: optax.Params) -> ScaleByRmsState:
-        nu, mu = sm.init(params)
-        return ScaleByRmsState(count=zero_count(), nu=nu, mu=mu, nonfinite_count=_nonfinite.init_count(mode))
-
-    def update_step(
-        updates: optax.Updates, state: optax.OptState, decay_t: Any
-    ) -> tuple[optax.Updates, ScaleByRmsState]:
-        state = cast(ScaleByRmsState, state)
-        _nonfinite.check_counter(mode, state.nonfinite_count)
-        treedef, grads, nus, mus = sm.unpack(updates, state.nu, state.mu)
-        gs, all_finite = _nonfinite.screen(mode, [g for _, g in grads])
-        count = new_count(state.count)
-        scalars = ScalarCache(lambda ct: sm.scalars(state.count, count, ct, decay_t))
-
-        out_u, out_nu, out_mu = [], [], []
-        key = state.nu.key if isinstance(state.nu, _storage.StoredBuffer) else None
-        for i, (g, nu, mu) in enumerate(zip(gs, nus, mus, strict=True)):
-            if storage.is_default:
-                ct = _dtypes.compute_dtype(g.dtype, nu.dtype)
-                u, nu_new, mu_new = sm.step(_dtypes.as_compute(g, ct), nu, mu, scalars(ct), ct)
-            else:
-                ct = _dtypes.compute_dtype(g.dtype, nu[0].dtype)
-                u, nu_new, mu_new = sm.step_stored(
-                    i,
-                    _dtypes.as_compute(g, ct),
-                    nu,
-                    mu,
-                    scalars(ct),
-                    ct,
-                    key,
-                    state.count,
-                    lambda g=g: storage.grad_block_bound(g, None, None),
-                )
-            out_u.append(u.astype(g.dtype))
-            out_nu.append(nu_new)
-            out_mu.append(mu_new)
-
-        if storage.is_default:
-            new_nu = jax.tree.unflatten(treedef, out_nu)
-            new_mu = jax.tree.unflatten(treedef, out_mu) if centered else state.mu
-        else:
-            new_nu = _storage.rebuild(state.nu, treedef, out_nu)
-            new_mu = _storage.rebuild(state.mu, treedef, out_mu) if centered else state.mu
-        new_state = ScaleByRmsState(
-            count=count,
-            nu=new_nu,
-            mu=new_mu,
-            nonfinite_count=state.nonfinite_count,
-        )
-        new_state = _nonfinite.skip_state(mode, all_finite, new_state, state)._replace(
-            nonfinite_count=_nonfinite.next_count(mode, state.nonfinite_count, all_finite)
-        )
-        return _nonfinite.skip_updates(mode, all_finite, jax.tree.unflatten(treedef, out_u)), new_state
-
-    step_fn = _validation.compiled(update_step, decay, eps)
-
-    def update_fn(
-        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
-    ) -> tuple[optax.Updates, ScaleByRmsState]:
-        del params
-        return step_fn(updates, state, sm.decay_at(cast(ScaleByRmsState, state).count))
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    cfg = RmsConfig.create(**locals())  # the arguments above, every one checked there
+    return optax.GradientTransformation(*_step.transformation(cfg, ScaleByRmsState))

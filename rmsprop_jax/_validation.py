@@ -6,7 +6,6 @@ check would need a host round trip on every step.
 """
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,23 +20,6 @@ def concrete(value: Any) -> np.ndarray | None:
         return np.asarray(value)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return None
-
-
-def compiled(step: Callable[..., Any], *hyperparameters: Any) -> Callable[..., Any]:
-    """``jax.jit(step)`` when every hyperparameter is a Python or NumPy value or a schedule.
-
-    Called eagerly, the update is then still one compiled XLA computation, the same one a
-    caller's ``jax.jit`` traces into: results do not depend on whether the caller jits
-    (XLA contracts ``a * b + c`` into a fused multiply-add, op-by-op execution does not).
-    The checks in ``step`` still run first, while tracing. With ``jax.Array``
-    hyperparameters (``optax.inject_hyperparams`` builds a new optimizer from arrays
-    each step) the step runs as is, to avoid compiling once per step.
-    """
-
-    def static(value: Any) -> bool:
-        return value is None or callable(value) or isinstance(value, bool | int | float | np.ndarray | np.generic)
-
-    return jax.jit(step) if all(static(h) for h in hyperparameters) else step
 
 
 def describe(value: Any) -> str:

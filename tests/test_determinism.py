@@ -1,7 +1,7 @@
 """Determinism: bitwise-identical results across runs and processes; jit and eager agree.
 
 ``update`` is one compiled XLA computation whether or not the caller jits it (see
-``_validation.compiled``), so jit and eager agree bit for bit; the issue asks for 1 ulp.
+``_step.compiled``), so jit and eager agree bit for bit; the issue asks for 1 ulp.
 """
 
 import hashlib
