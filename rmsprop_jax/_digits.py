@@ -67,17 +67,6 @@ def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.nd
         yield order[i : i + batch_size]
 
 
-def make_step(opt: optax.GradientTransformation) -> Any:
-    """A jitted training step with donated params and optimizer state."""
-
-    def step(params: Any, state: Any, x: jax.Array, y: jax.Array) -> tuple[Any, Any, jax.Array]:
-        value, grads = jax.value_and_grad(loss)(params, x, y)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, value
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
 def epoch_indices(n: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
     """One epoch's shuffled mini-batch indices as an array of shape ``(n // batch_size, batch_size)``."""
     return np.stack(list(batches(n, batch_size, rng)))

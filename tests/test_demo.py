@@ -170,6 +170,20 @@ def test_sweep_agrees_with_a_plain_training_loop(quick_run, name, rate, make):
     assert r["test_acc"][rate] == pytest.approx(acc, abs=1.5 / 359)  # at most one image flips
 
 
+def test_make_epoch_agrees_with_a_plain_training_loop():
+    # The one-epoch scan that benchmarks/state_quality.py trains with.
+    data = _digits.load(SEED)
+    opt = optax.sgd(0.1)
+    params = _digits.init_mlp(jax.random.key(SEED))
+    idx = _digits.epoch_indices(len(data.y_train), 64, np.random.default_rng(SEED))
+    params, _, log = _digits.make_epoch(opt, data)(params, opt.init(params), jnp.asarray(idx))
+    loss, acc = _plain_run(opt)
+    assert float(_digits.loss(params, jnp.asarray(data.x_test), jnp.asarray(data.y_test))) == pytest.approx(
+        loss, rel=1e-5
+    )
+    assert log.batch_loss.shape == (22,) and float(log.test_accuracy[-1]) == pytest.approx(acc, abs=1.5 / 359)
+
+
 def test_progress_bars_and_figures(quick_run):
     # The progress bars (tqdm, on stderr) ran to the end for each optimizer.
     assert quick_run["stderr"].count("1/1 [") >= 5, quick_run["stderr"]
@@ -293,3 +307,18 @@ def test_usage_names_the_command_as_called(how, prog):
 
 def test_the_default_output_is_ignored_by_git():
     assert "demo_output/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_missing_extra_in_process(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` raises ModuleNotFoundError
+    assert demo.main(["--epochs", "1"]) == 1
+    assert (
+        capsys.readouterr().err
+        == 'error: the demo needs tqdm, which is not installed: pip install "rmsprop_jax[demo]"\n'
+    )
+
+
+def test_every_rate_diverged():
+    s = _sweep([np.nan, np.inf])
+    assert "every rate diverged" in demo._table([s], 22)
+    assert demo._summary([s]) == "Every run diverged (non-finite test loss): try a smaller --lr-max."
