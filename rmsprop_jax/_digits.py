@@ -107,12 +107,12 @@ def make_epoch(opt: optax.GradientTransformation, data: Split, diagnose: Any = N
 
 
 class SweepLog(NamedTuple):
-    """One training run per learning rate (leading axis: the rates)."""
+    """One training run per seed and learning rate (leading axes: seeds, rates)."""
 
-    batch_loss: jax.Array  # (rates, steps)
-    test_accuracy: jax.Array  # (rates, steps), after each step
-    final: dict[str, jax.Array]  # train/test loss and accuracy on the full sets, (rates,) each
-    diagnostics: Any  # what ``diagnose(state, lr)`` returned after each step, (rates, steps, ...), or None
+    batch_loss: jax.Array  # (seeds, rates, steps)
+    test_accuracy: jax.Array  # (seeds, rates, steps), after each step
+    final: dict[str, jax.Array]  # train/test loss and accuracy on the full sets, (seeds, rates) each
+    diagnostics: Any  # what ``diagnose(state, lr)`` returned after each step, (seeds, rates, steps, ...), or None
 
 
 def make_sweep(
@@ -121,13 +121,15 @@ def make_sweep(
     diagnose: Callable[[Any, jax.Array], Any] | None = None,
     on_epoch: Callable[[jax.Array, jax.Array], None] | None = None,
 ) -> Any:
-    """A learning-rate sweep as one jitted call: ``jax.vmap`` of a whole training run over the rate.
+    """A learning-rate sweep over several seeds as one jitted call: ``jax.vmap`` of whole training runs.
 
-    Returns ``sweep(learning_rates, params0, idx) -> SweepLog``: every run starts from
-    ``params0`` and takes the same mini-batches, ``idx`` of shape ``(epochs, steps, batch)``;
-    ``make(lr)`` builds the optimizer from a traced rate (so it is called once per trace,
-    not once per rate). ``on_epoch(epoch, test_accuracy)`` is called from the running
-    computation at the end of each epoch, once per rate (for progress bars).
+    Returns ``sweep(learning_rates, params0, idx) -> SweepLog`` with leading axes
+    ``(seeds, rates)``: ``params0`` holds one initialization per seed (stacked on a leading
+    axis) and ``idx``, of shape ``(seeds, epochs, steps, batch)``, each seed's mini-batches;
+    every rate starts from its seed's weights and takes its seed's batches. ``make(lr)``
+    builds the optimizer from a traced rate (so it is called once per trace, not once per
+    rate). ``on_epoch(epoch, test_accuracy)`` is called from the running computation at the
+    end of each epoch, once per run (for progress bars).
     """
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
@@ -160,4 +162,4 @@ def make_sweep(
         }
         return SweepLog(log.batch_loss, log.test_accuracy, final, log.diagnostics)
 
-    return jax.jit(jax.vmap(train, in_axes=(0, None, None)))
+    return jax.jit(jax.vmap(jax.vmap(train, in_axes=(0, None, None)), in_axes=(None, 0, 0)))

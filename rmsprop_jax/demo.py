@@ -2,10 +2,11 @@
 
 The same 64-64-10 MLP, from the same initial weights and on the same mini-batches, is
 trained with plain SGD, SGD with momentum, ``rmsprop_jax.rmsprop``, the PyTorch preset
-and ``optax.adam``, each at every rate of one log-spaced grid: one ``jax.vmap``-ed,
-jitted call per optimizer. The demo prints each optimizer at its best rate (the lowest
-final test loss) with its steps to 95% test accuracy and the width of its good range,
-then a summary computed from those numbers; it writes the per-rate results (CSV) and
+and ``optax.adam``, each at every rate of one log-spaced grid and from several seeds
+(initial weights and batch order): one ``jax.vmap``-ed, jitted call per optimizer. The
+demo prints each optimizer at its best rate (the lowest final test loss, averaged over
+the seeds) with its steps to 95% test accuracy and the width of its good range, then a
+summary computed from those numbers, including the seed-to-seed spread; it writes the per-rate results (CSV) and
 PNG figures (test loss against learning rate; loss and accuracy curves at the best
 rates; RMSprop's effective learning rate; the trajectories on the elongated bowl) into
 an output folder it names at the end.
@@ -50,14 +51,14 @@ class Spec(NamedTuple):
 
 
 class Sweep(NamedTuple):
-    """One optimizer at every learning rate (leading axis: the rates)."""
+    """One optimizer at every learning rate and seed (leading axes: seeds, rates)."""
 
     name: str
     learning_rates: np.ndarray
-    batch_loss: np.ndarray  # (rates, steps)
-    test_accuracy: np.ndarray  # (rates, steps), after each step
-    final: dict[str, np.ndarray]  # train/test loss and accuracy on the full sets, (rates,) each
-    diagnostics: Any  # (min, median, max) effective learning rate per leaf, (rates, steps), or None
+    batch_loss: np.ndarray  # (seeds, rates, steps)
+    test_accuracy: np.ndarray  # (seeds, rates, steps), after each step
+    final: dict[str, np.ndarray]  # train/test loss and accuracy on the full sets, (seeds, rates) each
+    diagnostics: Any  # (min, median, max) effective learning rate per leaf, (seeds, rates, steps), or None
 
 
 def _parse(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
@@ -66,8 +67,9 @@ def _parse(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
         description=(
             "Train a 64-64-10 MLP on scikit-learn's bundled digits with SGD, SGD + momentum, "
             "rmsprop_jax.rmsprop, rmsprop_jax.presets.pytorch and optax.adam, each at every rate of a "
-            "log-spaced grid (one vmapped, jitted call per optimizer) from the same initial weights and "
-            "batches; print each at its best rate and write the per-rate results and PNG figures."
+            "log-spaced grid and from several seeds (one vmapped, jitted call per optimizer), every optimizer "
+            "from the same initial weights and batches; print each at its best rate and write the per-run "
+            "results and PNG figures."
         ),
     )
     parser.add_argument("--epochs", type=int, default=20, help="passes over the training set (default: 20)")
@@ -78,7 +80,12 @@ def _parse(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     )
     parser.add_argument("--decay", type=float, default=0.9, help="decay of S in rmsprop_jax.rmsprop (default: 0.9)")
     parser.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default: 64)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the split, init and batches (default: 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed for the split, and the first for the init and batches (default: 0)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="runs per rate, from seeds --seed, --seed + 1, ... (default: 3)"
+    )
     parser.add_argument(
         "--out",
         type=pathlib.Path,
@@ -97,6 +104,8 @@ def _parse(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
         parser.error(f"--lr-min must be below --lr-max; got {args.lr_min} and {args.lr_max}")
     if not 2 <= args.num_lrs <= 64:
         parser.error(f"--num-lrs must be in [2, 64]; got {args.num_lrs}")
+    if not 1 <= args.seeds <= 16:
+        parser.error(f"--seeds must be in [1, 16]; got {args.seeds}")
     if not 1 <= args.batch_size <= 1000:
         parser.error(f"--batch-size must be in [1, 1000] (the training set has 1438 images); got {args.batch_size}")
     if args.out.exists() and not args.out.is_dir():
@@ -125,9 +134,12 @@ def _optimizers(args: argparse.Namespace) -> list[Spec]:
 def sweep(
     spec: Spec, learning_rates: np.ndarray, data: _digits.Split, params0: Any, idx: np.ndarray, progress: Any
 ) -> Sweep:
-    """Trains ``spec`` at every rate in one vmapped, jitted call; ``idx``: (epochs, steps, batch)."""
+    """Trains ``spec`` at every rate and seed in one vmapped, jitted call.
 
-    def on_epoch(epoch: Any, _: Any) -> None:  # called once per rate, in any order
+    ``params0``: one initialization per seed, stacked; ``idx``: (seeds, epochs, steps, batch).
+    """
+
+    def on_epoch(epoch: Any, _: Any) -> None:  # called once per run, in any order
         progress.update(max(0, int(epoch) + 1 - progress.n))
 
     run = _digits.make_sweep(spec.make, data, spec.diagnose, on_epoch)
@@ -148,20 +160,26 @@ def steps_to(accuracy: np.ndarray, target: float = TARGET_ACCURACY) -> int | Non
     return int(hits[0]) + 1 if hits.size else None
 
 
+def mean_final(s: Sweep, key: str) -> np.ndarray:
+    """The final ``key`` (train/test loss or accuracy) at each rate, averaged over the seeds."""
+    return s.final[key].mean(axis=0)
+
+
 def best(s: Sweep) -> int | None:
-    """The index of the rate with the lowest final test loss (None if every run diverged)."""
-    loss = s.final["test_loss"]
+    """The index of the rate with the lowest mean final test loss (None if every rate diverged)."""
+    loss = mean_final(s, "test_loss")
     finite = np.isfinite(loss)
     return int(np.argmin(np.where(finite, loss, np.inf))) if finite.any() else None
 
 
 def good_range(s: Sweep, factor: float = GOOD_FACTOR) -> tuple[int, int] | None:
-    """The indices ``(lo, hi)`` of the widest run of consecutive rates, around the best, whose
+    """The indices ``(lo, hi)`` of the run of consecutive rates, around the best, whose mean
     final test loss is at most ``factor`` times the best."""
     i = best(s)
     if i is None:
         return None
-    good = np.isfinite(s.final["test_loss"]) & (s.final["test_loss"] <= factor * s.final["test_loss"][i])
+    loss = mean_final(s, "test_loss")
+    good = np.isfinite(loss) & (loss <= factor * loss[i])
     lo, hi = i, i
     while lo > 0 and good[lo - 1]:
         lo -= 1
@@ -182,8 +200,8 @@ def _table(sweeps: list[Sweep], total_steps: int) -> str:
         if i is None:
             lines.append(f"{s.name:<34} {'every rate diverged':>8}")
             continue
-        f = {k: v[i] for k, v in s.final.items()}
-        hit = steps_to(s.test_accuracy[i])
+        f = {k: float(v[i]) for k in s.final for v in [mean_final(s, k)]}
+        hit = steps_to(s.test_accuracy[:, i].mean(axis=0))
         reached = f"{hit}" if hit is not None else f"not in {total_steps}"
         lo, hi = good_range(s) or (i, i)
         lrs = s.learning_rates
@@ -212,8 +230,8 @@ def _summary(sweeps: list[Sweep]) -> str:
     if not ok:
         return "Every run diverged (non-finite test loss): try a smaller --lr-max."
     at_best = {k: best(s) or 0 for k, s in ok.items()}
-    loss = {k: float(s.final["test_loss"][at_best[k]]) for k, s in ok.items()}
-    steps = {k: float(steps_to(s.test_accuracy[at_best[k]]) or math.inf) for k, s in ok.items()}
+    loss = {k: float(mean_final(s, "test_loss")[at_best[k]]) for k, s in ok.items()}
+    steps = {k: float(steps_to(s.test_accuracy[:, at_best[k]].mean(axis=0)) or math.inf) for k, s in ok.items()}
     width, count = {}, {}  # the good range as a factor, and as a count of grid rates (exact, for ties)
     for k, s in ok.items():
         lo, hi = good_range(s) or (0, 0)
@@ -238,6 +256,16 @@ def _summary(sweeps: list[Sweep]) -> str:
             f"best test loss {loss[torch]:.4f} against {loss[rms]:.4f}, steps to 95% {steps[torch]:g} against "
             f"{steps[rms]:g}, good range x{width[torch]:.3g} against x{width[rms]:.3g}."
         )
+    seeds = next(iter(ok.values())).final["test_loss"].shape[0]
+    if seeds > 1:
+        spread = {k: float(np.ptp(s.final["test_loss"][:, at_best[k]])) for k, s in ok.items()}
+        noisiest = max(spread, key=spread.__getitem__)
+        span = max(loss.values()) - min(loss.values())
+        lines.append(
+            f"Seed to seed (initial weights and batch order), the test loss at the best rate varies by up to "
+            f"{spread[noisiest]:.4f} ({noisiest}); the optimizers' mean best test losses span {span:.4f}"
+            + (", so their ranking by test loss is within that noise." if span < spread[noisiest] else ".")
+        )
     if "SGD" in ok and (rms is not None or torch is not None):
         ratio = [ok["SGD"].learning_rates[at_best["SGD"]] / ok[k].learning_rates[at_best[k]] for k in (rms, torch) if k]
         times = " and ".join(f"{r:,.0f}" if r >= 100 else f"{r:.3g}" for r in ratio)
@@ -248,17 +276,20 @@ def _summary(sweeps: list[Sweep]) -> str:
     return "\n".join(lines)
 
 
-def _write_results(sweeps: list[Sweep], path: pathlib.Path) -> None:
+def _write_results(sweeps: list[Sweep], first_seed: int, path: pathlib.Path) -> None:
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(
-            ["optimizer", "learning_rate", "train_loss", "train_acc", "test_loss", "test_acc", "steps_to_95"]
+            ["optimizer", "seed", "learning_rate", "train_loss", "train_acc", "test_loss", "test_acc", "steps_to_95"]
         )
         for s in sweeps:
-            for i, lr in enumerate(s.learning_rates):
-                f = [repr(float(s.final[k][i])) for k in ("train_loss", "train_acc", "test_loss", "test_acc")]
-                hit = steps_to(s.test_accuracy[i])
-                writer.writerow([s.name, repr(float(lr)), *f, "" if hit is None else hit])
+            for seed, i in np.ndindex(s.final["test_loss"].shape):
+                keys = ("train_loss", "train_acc", "test_loss", "test_acc")
+                f = [repr(float(s.final[k][seed, i])) for k in keys]
+                hit = steps_to(s.test_accuracy[seed, i])
+                writer.writerow(
+                    [s.name, first_seed + seed, repr(float(s.learning_rates[i])), *f, "" if hit is None else hit]
+                )
 
 
 def _smooth(x: np.ndarray, width: int) -> np.ndarray:
@@ -278,8 +309,11 @@ def _figures(
     ax, ax_range = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     for row, (s, color) in enumerate(ok):
         i, (lo, hi) = best(s) or 0, good_range(s) or (0, 0)  # both set: s has a finite loss
-        loss = np.where(np.isfinite(s.final["test_loss"]), s.final["test_loss"], np.nan)
+        per_seed = np.where(np.isfinite(s.final["test_loss"]), s.final["test_loss"], np.nan)
+        loss = per_seed.mean(axis=0)
         ax.plot(s.learning_rates, loss, "-", color=color, lw=1.2, label=s.name)
+        if len(per_seed) > 1:
+            ax.fill_between(s.learning_rates, per_seed.min(axis=0), per_seed.max(axis=0), color=color, alpha=0.12, lw=0)
         ax.plot(s.learning_rates[lo : hi + 1], loss[lo : hi + 1], "o", color=color, ms=5)
         ax.plot(s.learning_rates[i], loss[i], "*", color=color, ms=13, mec="k", mew=0.6)
         ax_range.plot([s.learning_rates[lo], s.learning_rates[hi]], [row, row], "-", color=color, lw=6)
@@ -294,10 +328,12 @@ def _figures(
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_ylabel("final test loss (cross-entropy)")
+    seeds = len(ok[0][0].final["test_loss"])
+    ax.set_ylabel(f"final test loss (cross-entropy), mean of {seeds} seed{'s' if seeds > 1 else ''}")
     ax.set_title(
-        f"Final test loss after {len(ok[0][0].batch_loss[0])} steps at each learning rate\n"
-        f"star: the best rate; dots: the good range (test loss <= {GOOD_FACTOR:g} x the best)"
+        f"Final test loss after {ok[0][0].batch_loss.shape[-1]} steps at each learning rate"
+        + (" (band: min to max over the seeds)" if seeds > 1 else "")
+        + f"\nstar: the best rate; dots: the good range (test loss <= {GOOD_FACTOR:g} x the best)"
     )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
@@ -314,7 +350,7 @@ def _figures(
     for s, color in ok:
         i = best(s)
         label = f"{s.name}, lr {s.learning_rates[i]:.3g}"
-        batch_loss, accuracy = s.batch_loss[i], s.test_accuracy[i]
+        batch_loss, accuracy = s.batch_loss[:, i].mean(axis=0), s.test_accuracy[:, i].mean(axis=0)
         steps = np.arange(1, len(batch_loss) + 1)
         ax_loss.plot(steps, batch_loss, color=color, alpha=0.2, lw=0.8)
         ax_loss.plot(
@@ -324,12 +360,12 @@ def _figures(
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("mini-batch cross-entropy (faint) and its 1-epoch mean")
-    ax_loss.set_title("Training loss, each optimizer at its best rate")
+    ax_loss.set_title(f"Training loss at the best rate, mean of {seeds} seed{'s' if seeds > 1 else ''}")
     ax_acc.axhline(100 * TARGET_ACCURACY, color="0.5", ls="--", lw=0.8)
     ax_acc.set_ylim(50, 100)
     ax_acc.set_xlabel("step")
     ax_acc.set_ylabel("test accuracy (%)")
-    ax_acc.set_title("Test accuracy after each step (dashed: 95%)")
+    ax_acc.set_title("Mean test accuracy after each step (dashed: 95%)")
     for a in (ax_loss, ax_acc):
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
@@ -343,9 +379,9 @@ def _figures(
         ax = fig.subplots()
         i = best(rms)
         lr = float(rms.learning_rates[i])
-        low, median, high = jax.tree.map(lambda x: np.asarray(x)[i], rms.diagnostics)
+        low, median, high = jax.tree.map(lambda x: np.asarray(x)[0, i], rms.diagnostics)  # the first seed
         names = {0: "W1 (64x64)", 1: "W2 (64x10)"}
-        steps = np.arange(1, rms.batch_loss.shape[1] + 1)
+        steps = np.arange(1, rms.batch_loss.shape[-1] + 1)
         for (j, layer), color in zip(enumerate(params0), ("tab:blue", "tab:purple"), strict=True):
             for key, style in (("w", "-"), ("b", ":")):
                 label = names[j] if key == "w" else f"b{j + 1} ({layer['b'].shape[0]})"
@@ -388,6 +424,11 @@ def _figures(
     return paths
 
 
+def _epochs(n: int, args: argparse.Namespace, rng: np.random.Generator) -> np.ndarray:
+    """Every epoch's mini-batch indices, ``(epochs, steps, batch)``."""
+    return np.stack([_digits.epoch_indices(n, args.batch_size, rng) for _ in range(args.epochs)])
+
+
 def _missing_extra() -> str | None:
     """The first package of the ``[demo]`` extra that cannot be imported, or None."""
     for module, package in EXTRAS:
@@ -417,18 +458,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "rmsprop-jax-demo") -> i
 
     start = time.perf_counter()
     data = _digits.load(args.seed)
-    params0 = _digits.init_mlp(jax.random.key(args.seed))
-    rng = np.random.default_rng(args.seed)
-    idx = np.stack([_digits.epoch_indices(len(data.y_train), args.batch_size, rng) for _ in range(args.epochs)])
-    steps_per_epoch = idx.shape[1]
+    seeds = range(args.seed, args.seed + args.seeds)
+    inits = [_digits.init_mlp(jax.random.key(seed)) for seed in seeds]
+    params0 = jax.tree.map(lambda *x: jnp.stack(x), *inits)
+    idx = np.stack([_epochs(len(data.y_train), args, np.random.default_rng(seed)) for seed in seeds])
+    steps_per_epoch = idx.shape[2]
     total = steps_per_epoch * args.epochs
     learning_rates = np.geomspace(args.lr_min, args.lr_max, args.num_lrs).astype(np.float32)
     epochs = f"{args.epochs} epoch{'s' if args.epochs > 1 else ''}"
     print(
         f"digits (scikit-learn, offline): {len(data.y_train)} train / {len(data.y_test)} test images of 8x8 pixels; "
         f"MLP 64-64-10 (tanh)\n{epochs} of {steps_per_epoch} mini-batches of {args.batch_size} = {total} steps "
-        f"per run, same initial weights and batches for each; {args.num_lrs} learning rates from {args.lr_min:g} "
-        f"to {args.lr_max:g} per optimizer, as one vmapped, jitted call"
+        f"per run; {args.num_lrs} learning rates from {args.lr_min:g} to {args.lr_max:g} x {args.seeds} "
+        f"seed{'s' if args.seeds > 1 else ''} (initial weights and batch order, the same for every optimizer) "
+        "per optimizer, as one vmapped, jitted call"
     )
     sweeps = []
     for spec in specs:
@@ -436,17 +479,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "rmsprop-jax-demo") -> i
             sweeps.append(sweep(spec, learning_rates, data, params0, idx, bar))
             i = best(sweeps[-1])
             if i is not None:
-                bar.set_postfix_str(
-                    f"best lr {learning_rates[i]:.3g}, test acc {100 * sweeps[-1].final['test_acc'][i]:.1f}%"
-                )
+                acc = mean_final(sweeps[-1], "test_acc")[i]
+                bar.set_postfix_str(f"best lr {learning_rates[i]:.3g}, test acc {100 * acc:.1f}%")
     print()
-    print(f"Each optimizer at its best learning rate (the lowest final test loss), after {total} steps:")
+    print(
+        f"Each optimizer at its best learning rate (the lowest final test loss), after {total} steps; "
+        f"means over {args.seeds} seed{'s' if args.seeds > 1 else ''}:"
+    )
     print(_table(sweeps, total))
     print()
     print(_summary(sweeps))
     args.out.mkdir(parents=True, exist_ok=True)
-    _write_results(sweeps, args.out / RESULTS)
-    paths = _figures(sweeps, params0, data.x_train, steps_per_epoch, args.out)
+    _write_results(sweeps, args.seed, args.out / RESULTS)
+    paths = _figures(sweeps, inits[0], data.x_train, steps_per_epoch, args.out)
     print(f"\nresults and figures written to {args.out.resolve()}/: {', '.join([RESULTS, *(p.name for p in paths)])}")
     print(f"total time {time.perf_counter() - start:.1f} s")
     return 0
