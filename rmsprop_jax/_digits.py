@@ -4,7 +4,7 @@ The 1797 8x8 images ship inside scikit-learn, so everything runs offline.
 """
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -67,17 +67,6 @@ def batches(n: int, batch_size: int, rng: np.random.Generator) -> Iterator[np.nd
         yield order[i : i + batch_size]
 
 
-def make_step(opt: optax.GradientTransformation) -> Any:
-    """A jitted training step with donated params and optimizer state."""
-
-    def step(params: Any, state: Any, x: jax.Array, y: jax.Array) -> tuple[Any, Any, jax.Array]:
-        value, grads = jax.value_and_grad(loss)(params, x, y)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, value
-
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
 def epoch_indices(n: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
     """One epoch's shuffled mini-batch indices as an array of shape ``(n // batch_size, batch_size)``."""
     return np.stack(list(batches(n, batch_size, rng)))
@@ -115,3 +104,62 @@ def make_epoch(opt: optax.GradientTransformation, data: Split, diagnose: Any = N
         return params, state, log
 
     return jax.jit(epoch, donate_argnums=(0, 1))
+
+
+class SweepLog(NamedTuple):
+    """One training run per seed and learning rate (leading axes: seeds, rates)."""
+
+    batch_loss: jax.Array  # (seeds, rates, steps)
+    test_accuracy: jax.Array  # (seeds, rates, steps), after each step
+    final: dict[str, jax.Array]  # train/test loss and accuracy on the full sets, (seeds, rates) each
+    diagnostics: Any  # what ``diagnose(state, lr)`` returned after each step, (seeds, rates, steps, ...), or None
+
+
+def make_sweep(
+    make: Callable[[jax.Array], optax.GradientTransformation],
+    data: Split,
+    diagnose: Callable[[Any, jax.Array], Any] | None = None,
+    on_epoch: Callable[[jax.Array, jax.Array], None] | None = None,
+) -> Any:
+    """A learning-rate sweep over several seeds as one jitted call: ``jax.vmap`` of whole training runs.
+
+    Returns ``sweep(learning_rates, params0, idx) -> SweepLog`` with leading axes
+    ``(seeds, rates)``: ``params0`` holds one initialization per seed (stacked on a leading
+    axis) and ``idx``, of shape ``(seeds, epochs, steps, batch)``, each seed's mini-batches;
+    every rate starts from its seed's weights and takes its seed's batches. ``make(lr)``
+    builds the optimizer from a traced rate (so it is called once per trace, not once per
+    rate). ``on_epoch(epoch, test_accuracy)`` is called from the running computation at the
+    end of each epoch, once per run (for progress bars).
+    """
+    x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+    x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+
+    def train(lr: jax.Array, params0: Any, idx: jax.Array) -> SweepLog:
+        opt = make(lr)
+
+        def step(carry: tuple[Any, Any], i: jax.Array) -> tuple[tuple[Any, Any], EpochLog]:
+            params, state = carry
+            value, grads = jax.value_and_grad(loss)(params, x_train[i], y_train[i])
+            updates, state = opt.update(grads, state, params)
+            params = cast(list[dict[str, jax.Array]], optax.apply_updates(params, updates))
+            diag = None if diagnose is None else diagnose(state, lr)
+            return (params, state), EpochLog(value, accuracy(params, x_test, y_test), diag)
+
+        def epoch(carry: tuple[Any, Any], xs: tuple[jax.Array, jax.Array]) -> tuple[tuple[Any, Any], EpochLog]:
+            carry, log = jax.lax.scan(step, carry, xs[1])
+            if on_epoch is not None:
+                # The accuracy makes the callback wait for the epoch's steps.
+                jax.debug.callback(on_epoch, xs[0], log.test_accuracy[-1])
+            return carry, log
+
+        (params, _), log = jax.lax.scan(epoch, (params0, opt.init(params0)), (jnp.arange(idx.shape[0]), idx))
+        log = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), log)  # (epochs, steps, ...) -> (all steps, ...)
+        final = {
+            "train_loss": loss(params, x_train, y_train),
+            "train_acc": accuracy(params, x_train, y_train),
+            "test_loss": loss(params, x_test, y_test),
+            "test_acc": accuracy(params, x_test, y_test),
+        }
+        return SweepLog(log.batch_loss, log.test_accuracy, final, log.diagnostics)
+
+    return jax.jit(jax.vmap(jax.vmap(train, in_axes=(0, None, None)), in_axes=(None, 0, 0)))
