@@ -8,7 +8,7 @@ ARGS ?=
 # COV= ARGS=tests/test_x.py` runs a subset without it.
 COV ?= --cov=rmsprop_jax --cov-report=term-missing:skip-covered --cov-fail-under=95
 
-.PHONY: demo bench notebooks test pytest lint format typecheck clean
+.PHONY: demo bench notebooks docs test pytest lint format typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,15 @@ demo: $(VENV)/.installed-demo
 bench: $(VENV)/.installed-benchmarks
 	$(BIN)/python -m benchmarks.run $(ARGS)
 
-notebooks: $(VENV)/.installed-test
-	$(BIN)/python -m pytest tests/test_notebooks.py $(ARGS)
+# The notebooks are executed by the documentation build (a failing cell fails it).
+notebooks: docs
 
-test: lint typecheck pytest
+# The documentation site, offline, every warning an error; open docs/_build/html/index.html.
+docs: $(VENV)/.installed-docs
+	$(BIN)/python -m sphinx -b html -E -W --keep-going -q docs docs/_build/html
+
+# docs before pytest: tests/test_docs_site.py opens the built site in headless Chromium.
+test: lint typecheck docs pytest
 
 pytest: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(COV) $(ARGS)
@@ -45,5 +50,5 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/pyright
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .coverage
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .coverage docs/_build docs/_autosummary docs/notebooks
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
