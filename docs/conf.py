@@ -89,18 +89,3 @@ html_theme_options = {
 }
 html_last_updated_fmt = None
 html_show_sourcelink = False
-
-
-# Two state docstrings write ``|g|^2`` bare, which reStructuredText reads as the start of a
-# substitution (a warning, so an error under -W). Until they say :math:`|g|^2` (an edit to
-# _alias.py and _transform.py, files being refactored now), render them as math here.
-_BARE_SQUARE = "the EMA of |g|^2;"
-
-
-def _math_for_bare_square(app, what, name, obj, options, lines):
-    for i, line in enumerate(lines):
-        lines[i] = line.replace(_BARE_SQUARE, "the EMA of :math:`|g|^2`;")
-
-
-def setup(app):
-    app.connect("autodoc-process-docstring", _math_for_bare_square)

@@ -16,7 +16,7 @@ class RmspropState(NamedTuple):
     Attributes:
       count: number of updates applied so far (int32 scalar, saturating); schedules
         of the learning rate and of the decay are evaluated at it.
-      nu: ``S``, the EMA of |g|^2; same tree and shapes as the parameters, real.
+      nu: ``S``, the EMA of :math:`|g|^2`; same tree and shapes as the parameters, real.
       mu: the EMA of g when ``centered=True``, else ``optax.EmptyState()``.
       trace: the momentum buffer when ``momentum`` is not None, else
         ``optax.EmptyState()``.

@@ -15,7 +15,7 @@ class ScaleByRmsState(NamedTuple):
 
     Attributes:
       count: number of updates applied so far (int32 scalar, saturating).
-      nu: ``S``, the EMA of |g|^2; same tree and shapes as the parameters, real.
+      nu: ``S``, the EMA of :math:`|g|^2`; same tree and shapes as the parameters, real.
         With ``stochastic_rounding``, ``state_dtype="int8"`` or ``factored``, a
         ``StoredBuffer`` whose ``values`` hold that tree (16-bit, 8-bit codes, or row
         statistics), ``aux`` the block scales or column statistics and ``key`` the
