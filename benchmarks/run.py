@@ -13,6 +13,7 @@ Runs unchanged on a GPU (JAX's default backend; PyTorch on CUDA when available).
 """
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -193,12 +194,25 @@ def print_table(result: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- compile time
 
 
+_COMPILE_LIBS = ("optax", "ours_tree", "optax_cm", "ours_tree_cm", "ours_flat")
+
+
+def _compile_opt(lib: str) -> Any:
+    """The optimizer of a compile probe; ``_cm``: centered with momentum 0.9, same options on both sides."""
+    import optax
+
+    kw = {"centered": True, "momentum": 0.9} if lib.endswith("_cm") else {}
+    if lib.startswith("optax"):
+        return optax.rmsprop(C.LR, decay=C.DECAY, eps=C.EPS, **kw)
+    return rmsprop_jax.rmsprop(C.LR, decay=C.DECAY, eps=C.EPS, **kw)
+
+
 def compile_probe(lib: str, n_leaves: int) -> dict[str, Any]:
     """Trace + lower and compile times of one optimizer step on ``n_leaves`` leaves of 32x32."""
     import optax
 
     params = {f"w{i:05d}": jnp.zeros((32, 32), jnp.float32) for i in range(n_leaves)}
-    opt = C.optax_opt() if lib == "optax" else C.ours_opt()
+    opt = _compile_opt(lib)
     out: dict[str, Any] = {"lib": lib, "leaves": n_leaves}
     if lib == "ours_flat":
         t0 = time.perf_counter()
@@ -221,28 +235,65 @@ def compile_probe(lib: str, n_leaves: int) -> dict[str, Any]:
     lowered.compile()
     t2 = time.perf_counter()
     out.update(lower_s=t1 - t0, compile_s=t2 - t1, total_s=t2 - t0)
+    if lib != "ours_flat":
+        # Instructions per leaf of the optimized HLO (fused computations included), on two
+        # tree sizes so that the per-step part cancels.
+        out["ops_per_leaf"] = _ops_per_leaf(lib)
     return out
 
 
-def compile_workload(leaf_counts: list[int], timeout: float | None) -> dict[str, Any]:
-    log(f"\n== compile time of one optimizer step against leaf count (leaves of 32x32 float32; cap {timeout} s)")
+@functools.cache
+def _ops_per_leaf(lib: str) -> float:
+    import optax
+
+    opt = _compile_opt(lib)
+
+    def hlo_ops(n: int) -> int:
+        params = {f"w{i:05d}": jnp.zeros((32, 32), jnp.float32) for i in range(n)}
+
+        def step(p: Any, s: Any, g: Any) -> Any:
+            u, s = opt.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        text = jax.jit(step).lower(params, opt.init(params), params).compile().as_text()
+        return sum(1 for line in text.splitlines() if " = " in line and "parameter(" not in line)
+
+    return (hlo_ops(11) - hlo_ops(1)) / 10
+
+
+def compile_workload(leaf_counts: list[int], timeout: float | None, rounds: int = 1) -> dict[str, Any]:
+    log(
+        f"\n== compile time of one optimizer step against leaf count (leaves of 32x32 float32; cap {timeout} s; "
+        f"median of {rounds} interleaved rounds)"
+    )
     rows = []
     for n in leaf_counts:
-        for lib in ("optax", "ours_tree", "ours_flat"):
-            if timeout is None:
-                r = compile_probe(lib, n)
-            else:
+        runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in _COMPILE_LIBS}
+        for _ in range(rounds):
+            for lib in _COMPILE_LIBS:  # interleaved, each in a fresh process (no cache shared)
                 cmd = [sys.executable, "-m", "benchmarks.run", "--compile-probe", f"{lib}:{n}"]
                 root = pathlib.Path(__file__).resolve().parents[1]
                 try:
                     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root, check=True)
-                    r = json.loads(proc.stdout.strip().splitlines()[-1])
+                    runs[lib].append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 except subprocess.TimeoutExpired:
-                    r = {"lib": lib, "leaves": n, "timeout_s": timeout}
+                    runs[lib].append({"lib": lib, "leaves": n, "timeout_s": timeout})
+        for lib, rs in runs.items():
+            done = [r for r in rs if "timeout_s" not in r]
+            r = dict(rs[0]) if not done else dict(done[0])
+            if done:
+                for k in ("lower_s", "compile_s", "total_s"):
+                    r[k] = float(np.median([x[k] for x in done]))
+            base = "optax_cm" if lib.endswith("_cm") else "optax"
+            ref = [x for x in runs[base] if "timeout_s" not in x]
+            if done and ref and lib != base:
+                r["vs_optax"] = float(np.median([x["total_s"] for x in done]) / np.median([x["total_s"] for x in ref]))
             rows.append(r)
             shown = f">{timeout:.0f} s (cap)" if "timeout_s" in r else f"{r['total_s']:.2f} s"
             extra = f"  (flat_init {r['init_s']:.2f} s)" if "init_s" in r else ""
-            log(f"  {n:5d} leaves  {lib:10s} {shown}{extra}")
+            ratio = f"  {r['vs_optax']:.2f}x optax's" if "vs_optax" in r else ""
+            ops = f"  {r['ops_per_leaf']:.0f} ops/leaf" if "ops_per_leaf" in r else ""
+            log(f"  {n:5d} leaves  {lib:13s} {shown}{ratio}{ops}{extra}")
     return {"rows": rows, "timeout_s": timeout}
 
 
@@ -298,13 +349,18 @@ def markdown(results: dict[str, Any]) -> str:
     if comp:
         counts = sorted({r["leaves"] for r in comp["rows"]})
         lines += ["**Compile time of one optimizer step** (trace + lower + compile)", ""]
-        lines += ["| leaves | " + " | ".join(str(c) for c in counts) + " |", "| --- |" + " --- |" * len(counts)]
-        for lib in ("optax", "ours_tree", "ours_flat"):
+        lines += [
+            "| leaves | " + " | ".join(str(c) for c in counts) + " | HLO ops per leaf |",
+            "| --- |" + " --- |" * (len(counts) + 1),
+        ]
+        for lib in _COMPILE_LIBS:
             cells = []
             for c in counts:
                 r = next(x for x in comp["rows"] if x["lib"] == lib and x["leaves"] == c)
-                cells.append(f"> {r['timeout_s']:.0f} s (cap)" if "timeout_s" in r else f"{r['total_s']:.2f} s")
-            lines.append(f"| {lib} | " + " | ".join(cells) + " |")
+                cell = f"> {r['timeout_s']:.0f} s (cap)" if "timeout_s" in r else f"{r['total_s']:.2f} s"
+                cells.append(cell + (f" ({r['vs_optax']:.2f}x)" if "vs_optax" in r else ""))
+            ops = next((x["ops_per_leaf"] for x in comp["rows"] if x["lib"] == lib and "ops_per_leaf" in x), None)
+            lines.append(f"| {lib} | " + " | ".join(cells) + f" | {'' if ops is None else f'{ops:.0f}'} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -392,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     if "mlp" in only:
         results["workloads"].append(mlp_workload(rounds, target, steps=20 if quick else 100))
     if "compile" in only:
-        counts = [10, 100] if quick else [10, 100, 1000, 5000]
-        results["compile"] = compile_workload(counts, None if quick else 240.0)
+        counts = [10, 100] if quick else [10, 100, 300, 1000]
+        results["compile"] = compile_workload(counts, 60.0 if quick else 240.0, rounds=1 if quick else 3)
 
     meta["loadavg_end"] = H.loadavg()
     meta["wall_s"] = time.perf_counter() - t_start

@@ -89,10 +89,14 @@ def update(cfg: RmsConfig, updates: Any, state: Any, params: Any, lr_t: Any, dec
         return Scalars(rms, lr, mom, _kernel.scalar(cfg.weight_decay, ct) if cfg.use_weight_decay else None)
 
     key = state.nu.key if isinstance(state.nu, _storage.StoredBuffer) else None
-    outs = [
-        leaf_step(cfg, scalars, StepContext(key, state.count, i, None, None, g, None), p, nu, mu, b)
-        for i, (g, p, nu, mu, b) in enumerate(zip(gs, ps, nus, mus, bufs, strict=True))
-    ]
+    shared = _shared_leaf_step(cfg)
+    outs = []
+    for i, (g, p, nu, mu, b) in enumerate(zip(gs, ps, nus, mus, bufs, strict=True)):
+        ct = _dtypes.compute_dtype(g.dtype, nu[0].dtype)
+        if shared is not None:
+            outs.append(shared(scalars(ct), state.count, g, p, nu, mu, b))
+        else:
+            outs.append(leaf_step(cfg, scalars(ct), StepContext(key, state.count, i, ct, None, g, None), p, nu, mu, b))
     u, nu_new, mu_new, b_new = (list(x) for x in zip(*outs, strict=True)) if outs else ([], [], [], [])
     fields = {"count": count, "nu": _storage.rebuild(state.nu, treedef, nu_new)}
     if cfg.centered:
@@ -105,13 +109,36 @@ def update(cfg: RmsConfig, updates: Any, state: Any, params: Any, lr_t: Any, dec
     return _nonfinite.skip_updates(mode, all_finite, jax.tree.unflatten(treedef, u)), new_state
 
 
+def _shared_leaf_step(cfg: RmsConfig) -> Callable[..., Any] | None:
+    """:func:`leaf_step` jitted, so that leaves of equal shape, dtype and storage are traced and lowered once.
+
+    Compile time grows with the number of leaves; tracing each one anew was about half of
+    it. XLA inlines the calls, so the compiled step is the same. Not with stochastic
+    rounding, whose random streams depend on the leaf's position, nor for a
+    configuration holding arrays (``optax.inject_hyperparams``), which cannot be static.
+    """
+    if cfg.stochastic_rounding:
+        return None
+    try:
+        return _jitted_leaf_step(cfg)
+    except TypeError:  # unhashable: array-valued hyperparameters
+        return None
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_leaf_step(cfg: RmsConfig) -> Callable[..., Any]:
+    def step(s: Scalars, count: jax.Array, g: jax.Array, p: Any, nu: Any, mu: Any, b: Any) -> Any:
+        ct = _dtypes.compute_dtype(g.dtype, nu[0].dtype)
+        return leaf_step(cfg, s, StepContext(None, count, 0, ct, None, g, None), p, nu, mu, b)
+
+    return jax.jit(step)
+
+
 def leaf_step(
-    cfg: RmsConfig, scalars: Callable[[np.dtype], Scalars], ctx: StepContext, p: Any, nu: Any, mu: Any, b: Any
+    cfg: RmsConfig, s: Scalars, ctx: StepContext, p: Any, nu: Any, mu: Any, b: Any
 ) -> tuple[jax.Array, Any, Any, Any]:
     """One leaf (its gradient in ``ctx.g``): ``(update, nu, mu, trace)``, buffers as stored pairs (None if absent)."""
-    g = ctx.g
-    ct = _dtypes.compute_dtype(g.dtype, nu[0].dtype)
-    s = scalars(ct)
+    g, ct = ctx.g, ctx.ct
     gc = _dtypes.as_compute(g, ct)
     if cfg.maximize:
         gc = -gc
