@@ -8,7 +8,7 @@ ARGS ?=
 # COV= ARGS=tests/test_x.py` runs a subset without it.
 COV ?= --cov=rmsprop_jax --cov-report=term-missing:skip-covered --cov-fail-under=95
 
-.PHONY: demo bench notebooks test pytest lint format typecheck clean
+.PHONY: demo bench notebooks test pytest test-min lint format typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,29 @@ bench: $(VENV)/.installed-benchmarks
 notebooks: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests/test_notebooks.py $(ARGS)
 
-test: lint typecheck pytest
+test: lint typecheck pytest test-min
 
 pytest: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(COV) $(ARGS)
+
+# The declared floors: .venv-min gets the lowest Python and every dependency at the lowest
+# version pyproject.toml allows (tools/min_constraints.py), and runs the core tests: those
+# importing no framework reference or notebook tool at module level (listed, not guessed).
+PYTHON_MIN ?= python3.11
+VENV_MIN := .venv-min
+MIN_TESTS = $(shell grep -L -E '^(import|from) (torch|keras|tensorflow|flax|orbax|equinox|nbformat|nbmake)\b' tests/test_*.py)
+
+$(VENV_MIN)/.installed: pyproject.toml tools/min_constraints.py
+	rm -rf $(VENV_MIN)
+	$(PYTHON_MIN) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python tools/min_constraints.py > $(VENV_MIN)/constraints.txt
+	$(VENV_MIN)/bin/python -m pip install --quiet --disable-pip-version-check \
+		--constraint $(VENV_MIN)/constraints.txt -e ".[demo]" $$($(VENV_MIN)/bin/python tools/min_constraints.py --tools)
+	@touch $@
+
+test-min: $(VENV_MIN)/.installed
+	$(VENV_MIN)/bin/python tools/min_constraints.py --check
+	$(VENV_MIN)/bin/python -m pytest -p no:cacheprovider -q $(MIN_TESTS) $(ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
@@ -45,5 +64,5 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/pyright
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .coverage
+	rm -rf $(VENV) $(VENV_MIN) .pytest_cache .ruff_cache .hypothesis .coverage
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

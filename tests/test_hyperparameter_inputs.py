@@ -249,3 +249,13 @@ def test_zero_learning_rate_is_allowed_as_in_optax():
 def test_16_bit_and_non_real_refusals_show_the_value(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         rmsprop_jax.rmsprop(**{"learning_rate": 1e-3, **kwargs})
+
+
+def test_compatibility_page_examples_run():
+    import doctest
+    import pathlib
+
+    page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "compatibility.md"
+    result = doctest.testfile(str(page), module_relative=False, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
