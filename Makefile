@@ -8,7 +8,7 @@ ARGS ?=
 # COV= ARGS=tests/test_x.py` runs a subset without it.
 COV ?= --cov=rmsprop_jax --cov-report=term-missing:skip-covered --cov-fail-under=95
 
-.PHONY: demo bench notebooks test pytest test-min lint format typecheck clean
+.PHONY: demo bench notebooks test pytest test-min test-min-all lint format typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,11 +34,18 @@ pytest: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(COV) $(ARGS)
 
 # The declared floors: .venv-min gets the lowest Python and every dependency at the lowest
-# version pyproject.toml allows (tools/min_constraints.py), and runs the core tests: those
-# importing no framework reference or notebook tool at module level (listed, not guessed).
+# version pyproject.toml allows (tools/min_constraints.py). `make test-min` runs there the
+# tests of the jax/optax calls that changed between versions (x64, meshes, distributed,
+# inject_hyperparams, MultiSteps, optax parity), the hyperparameter checks and every doctest;
+# `make test-min-all` runs all core tests: those importing no framework reference or
+# notebook tool at module level (listed, not guessed; about 30 minutes on 2 shared cores).
 PYTHON_MIN ?= python3.11
 VENV_MIN := .venv-min
-MIN_TESTS = $(shell grep -L -E '^(import|from) (torch|keras|tensorflow|flax|orbax|equinox|nbformat|nbmake)\b' tests/test_*.py)
+CORE_TESTS = $(shell grep -L -E \
+	'^(import|from) (torch|keras|tensorflow|flax|orbax|equinox|nbformat|nbmake)\b' tests/test_*.py)
+MIN_TESTS ?= tests/test_validation.py tests/test_hyperparameter_inputs.py tests/test_dependency_floors.py \
+	tests/test_presets_validation.py tests/test_docs.py tests/test_composition.py tests/test_closed_forms.py \
+	tests/test_optax_parity.py tests/test_sharding.py tests/test_multiprocess.py
 
 $(VENV_MIN)/.installed: pyproject.toml tools/min_constraints.py
 	rm -rf $(VENV_MIN)
@@ -51,6 +58,9 @@ $(VENV_MIN)/.installed: pyproject.toml tools/min_constraints.py
 test-min: $(VENV_MIN)/.installed
 	$(VENV_MIN)/bin/python tools/min_constraints.py --check
 	$(VENV_MIN)/bin/python -m pytest -p no:cacheprovider -q $(MIN_TESTS) $(ARGS)
+
+test-min-all: MIN_TESTS = $(CORE_TESTS)
+test-min-all: test-min
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
