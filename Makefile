@@ -8,7 +8,7 @@ ARGS ?=
 # COV= ARGS=tests/test_x.py` runs a subset without it.
 COV ?= --cov=rmsprop_jax --cov-report=term-missing:skip-covered --cov-fail-under=95
 
-.PHONY: demo bench notebooks docs test pytest lint format typecheck clean
+.PHONY: demo bench notebooks docs test pytest test-min test-min-all lint format typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,39 @@ docs: $(VENV)/.installed-docs
 	$(BIN)/python -m sphinx -b html -E -W --keep-going -q docs docs/_build/html
 
 # docs before pytest: tests/test_docs_site.py opens the built site in headless Chromium.
-test: lint typecheck docs pytest
+test: lint typecheck docs pytest test-min
 
 pytest: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(COV) $(ARGS)
+
+# The declared floors: .venv-min gets the lowest Python and every dependency at the lowest
+# version pyproject.toml allows (tools/min_constraints.py). `make test-min` runs there the
+# tests of the jax/optax calls that changed between versions (x64, meshes, distributed,
+# inject_hyperparams, MultiSteps, optax parity), the hyperparameter checks and every doctest;
+# `make test-min-all` runs all core tests: those importing no framework reference or
+# notebook tool at module level (listed, not guessed; about 30 minutes on 2 shared cores).
+PYTHON_MIN ?= python3.11
+VENV_MIN := .venv-min
+CORE_TESTS = $(shell grep -L -E \
+	'^(import|from) (torch|keras|tensorflow|flax|orbax|equinox|nbformat|nbmake)\b' tests/test_*.py)
+MIN_TESTS ?= tests/test_validation.py tests/test_hyperparameter_inputs.py tests/test_dependency_floors.py \
+	tests/test_presets_validation.py tests/test_docs.py tests/test_composition.py tests/test_closed_forms.py \
+	tests/test_optax_parity.py tests/test_sharding.py tests/test_multiprocess.py
+
+$(VENV_MIN)/.installed: pyproject.toml tools/min_constraints.py
+	rm -rf $(VENV_MIN)
+	$(PYTHON_MIN) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python tools/min_constraints.py > $(VENV_MIN)/constraints.txt
+	$(VENV_MIN)/bin/python -m pip install --quiet --disable-pip-version-check \
+		--constraint $(VENV_MIN)/constraints.txt -e ".[demo]" $$($(VENV_MIN)/bin/python tools/min_constraints.py --tools)
+	@touch $@
+
+test-min: $(VENV_MIN)/.installed
+	$(VENV_MIN)/bin/python tools/min_constraints.py --check
+	$(VENV_MIN)/bin/python -m pytest -p no:cacheprovider -q $(MIN_TESTS) $(ARGS)
+
+test-min-all: MIN_TESTS = $(CORE_TESTS)
+test-min-all: test-min
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
@@ -50,5 +79,5 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/pyright
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .coverage docs/_build docs/_autosummary docs/notebooks
+	rm -rf $(VENV) $(VENV_MIN) .pytest_cache .ruff_cache .hypothesis .coverage docs/_build docs/_autosummary docs/notebooks
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -342,7 +342,9 @@ def _check_descent(
     maximize: Any,
 ) -> None:
     """rmsprop's own options."""
-    _validation.check_finite("learning_rate", learning_rate)
+    if learning_rate is None:
+        raise ValueError("learning_rate=None is not allowed; it must be a finite number >= 0 or a schedule.")
+    _validation.check_learning_rate("learning_rate", learning_rate)
     _check_bools(
         nesterov=nesterov,
         lr_after_momentum=lr_after_momentum,

@@ -205,7 +205,7 @@ def effective_learning_rate(
       >>> print(f"{diag.median['w']:.4f} {diag.max['w']:.4f}")
       0.3558 0.6325
     """
-    _validation.check_finite("learning_rate", learning_rate)
+    _validation.check_learning_rate("learning_rate", learning_rate)
     _validation.check_interval("decay", decay, 0.0, 1.0)
     _validation.check_interval("eps", eps, 0.0, float("inf"), high_open=True)
     for name, flag in (("eps_in_sqrt", eps_in_sqrt), ("centered", centered), ("bias_correction", bias_correction)):

@@ -41,8 +41,7 @@ _INF = float("inf")
 
 def _check_lr(name: str, value: Any) -> None:
     """A finite, non-negative number, or a schedule."""
-    _validation.check_finite(name, value)
-    _validation.check_interval(name, value, 0.0, _INF, high_open=True)
+    _validation.check_learning_rate(name, value)
 
 
 def _check_nonneg(name: str, value: Any) -> None:

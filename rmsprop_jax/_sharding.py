@@ -53,8 +53,8 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str) -> Any:
       >>> params = {"w": jnp.ones((64 * n, 10)), "b": jnp.zeros(10)}
       >>> opt = rmsprop_jax.rmsprop(1e-3)
       >>> shardings = rmsprop_jax.zero1_shardings(jax.eval_shape(opt.init, params), mesh, "data")
-      >>> shardings.nu["w"].spec, shardings.count.spec
-      (P('data',), P())
+      >>> tuple(shardings.nu["w"].spec), tuple(shardings.count.spec)
+      (('data',), ())
       >>> state = jax.jit(opt.init, out_shardings=shardings)(params)
       >>> state.nu["w"].addressable_shards[0].data.shape  # one device's slice of S_dW
       (64, 10)

@@ -57,22 +57,37 @@ def full_like(leaf: Any, value: Any, dtype: np.dtype) -> jax.Array:
 def flatten_like(tree: Any, reference_treedef: Any, *, name: str, reference_name: str, reference: Any) -> list[Any]:
     """Flattens ``tree`` to the leaves of ``reference_treedef``, or raises ValueError.
 
-    The error names both structures and the first path where they differ, which is
-    what one needs to fix a grads/state mismatch.
+    The error lists the paths ``tree`` lacks and the paths it has extra (what one needs
+    to fix a grads/state mismatch), then both structures. When the paths agree but the
+    structures do not (a list where the state has a tuple, a None leaf), only the
+    structures tell them apart.
     """
     treedef = jax.tree_util.tree_structure(tree)
     if treedef == reference_treedef:
         return jax.tree_util.tree_leaves(tree)
     paths = [path_str(p) for p, _ in leaves_with_paths(tree)[0]]
     ref_paths = [path_str(p) for p, _ in leaves_with_paths(reference)[0]]
-    first = next(
-        (f"{a} vs {b}" for a, b in zip(paths, ref_paths, strict=False) if a != b),
-        f"{name} has {len(paths)} leaves, {reference_name} has {len(ref_paths)}",
-    )
+    have = set(paths)
+    missing = [p for p in ref_paths if p not in have]
+    expected = set(ref_paths)
+    extra = [p for p in paths if p not in expected]
+    parts = [f"{name} has {len(paths)} leaves, {reference_name} has {len(ref_paths)}"]
+    if missing:
+        parts.append(f"missing from {name}: {_some(missing)}")
+    if extra:
+        parts.append(f"extra in {name}: {_some(extra)}")
+    if not (missing or extra):
+        parts.append("the leaf paths agree but the node types differ")
     raise ValueError(
-        f"The structure of {name} does not match {reference_name}. First difference: "
-        f"{first}.\n{name}: {treedef}\n{reference_name}: {reference_treedef}"
+        f"The structure of {name} does not match {reference_name}: {'; '.join(parts)}.\n"
+        f"{name}: {treedef}\n{reference_name}: {reference_treedef}"
     )
+
+
+def _some(paths: list[str], limit: int = 10) -> str:
+    """The first ``limit`` paths (a model's whole tree would bury the message)."""
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
 
 
 def check_leaf(grad: Any, state_leaf: Any, path: Any, *, name: str, kind_leaf: Any = None) -> None:

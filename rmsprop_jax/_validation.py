@@ -6,9 +6,11 @@ check would need a host round trip on every step.
 """
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -22,11 +24,53 @@ def concrete(value: Any) -> np.ndarray | None:
         return None
 
 
-def describe(value: Any) -> str:
+def is_real_dtype(dtype: Any) -> bool:
+    """Whether ``dtype`` holds real numbers: NumPy's and ml_dtypes' floats (bfloat16, ...) and ints.
+
+    ``np.issubdtype(bfloat16, np.number)`` is False (ml_dtypes' types are not NumPy
+    numbers), so the test goes through JAX's dtype lattice, which knows them.
+    """
+    return bool(jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+
+
+def as_float64(value: Any) -> float | None:
+    """The concrete real scalar ``value`` as a float64, None when unknown (traced, schedule).
+
+    Every real kind a JAX user holds is exact in float64: Python ints and floats, NumPy
+    scalars and 0-d arrays of any float dtype (bfloat16 and float16 included), and 0-d
+    JAX arrays, weak-typed or not. Raises ValueError for anything else (bool, complex,
+    strings), without naming the argument: callers that know it use :func:`real_value`.
+    """
     arr = concrete(value)
-    if arr is not None and arr.ndim == 0:
-        return repr(arr.item())
-    return repr(value)
+    if arr is None:
+        return None
+    if arr.ndim != 0 or not is_real_dtype(arr.dtype):
+        raise ValueError(f"not a real scalar: {value!r}")
+    return float(arr.astype(np.float64))
+
+
+def real_value(name: str, value: Any) -> float | None:
+    """:func:`as_float64`, raising ``{name} must be a real number; got ...`` for other values."""
+    check_scalar_shape(name, value)
+    try:
+        return as_float64(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a real number; got {value!r}.") from None
+
+
+def describe(value: Any) -> str:
+    """A concrete scalar's exact value (its float64 ``repr``), whatever its dtype; else ``repr``.
+
+    A bfloat16 1e-3 is shown as 0.00099945068359375, the number the optimizer will use.
+    """
+    arr = concrete(value)
+    if arr is None or arr.ndim != 0:
+        return repr(value)
+    if jnp.issubdtype(arr.dtype, jnp.integer):
+        return repr(int(arr))
+    if is_real_dtype(arr.dtype):
+        return repr(float(arr.astype(np.float64)))
+    return repr(arr.item())
 
 
 def check_scalar_shape(name: str, value: Any) -> None:
@@ -46,14 +90,10 @@ def check_interval(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
-    """Raises ValueError unless ``low <(=) value <(=) high`` (for concrete values)."""
-    check_scalar_shape(name, value)
-    arr = concrete(value)
-    if arr is None:
+    """Raises ValueError unless ``low <(=) value <(=) high`` (for concrete values, in float64)."""
+    x = real_value(name, value)
+    if x is None:
         return
-    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise ValueError(f"{name} must be a real number; got {value!r}.")
-    x = float(arr)
     above = x > low if low_open else x >= low
     below = x < high if high_open else x <= high
     if not (above and below and not math.isnan(x)):
@@ -64,11 +104,28 @@ def check_interval(
 
 def check_finite(name: str, value: Any) -> None:
     check_scalar_shape(name, value)
-    arr = concrete(value)
-    if arr is None:
-        return
-    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr) or not np.isfinite(arr):
+    try:
+        x = as_float64(value)
+    except ValueError:
+        x = math.nan
+    if x is not None and not math.isfinite(x):
         raise ValueError(f"{name}={describe(value)} is not allowed; it must be a finite real number or a schedule.")
+
+
+def check_learning_rate(name: str, value: Any) -> None:
+    """A finite learning rate >= 0 (0 is allowed, as in optax), or a schedule.
+
+    A negative constant would ascend the objective; PyTorch refuses it too. Ascent is
+    ``maximize=True``. A schedule's values are not checked (that would cost a host round
+    trip per step).
+    """
+    check_finite(name, value)
+    x = as_float64(value)
+    if x is not None and x < 0.0:
+        raise ValueError(
+            f"{name}={describe(value)} is outside the allowed range [0.0, inf); to ascend the "
+            f"objective, pass maximize=True (rmsprop, presets.pytorch) instead of a negative {name}."
+        )
 
 
 def check_survives_dtype(
@@ -83,19 +140,24 @@ def check_survives_dtype(
     """
     source = "state_dtype" if explicit else "the parameters' precision"
     wider = " or a wider state_dtype" if dtype.itemsize < 8 else ""
-    d = concrete(decay)
-    if not stochastic_rounding and d is not None and float(d) < 1.0 and float(d.astype(dtype)) == 1.0:
+    d = as_float64(decay)
+    if not stochastic_rounding and d is not None and d < 1.0 and _in_dtype(d, dtype) == 1.0:
         sr = ", or stochastic_rounding=True" if explicit and dtype.itemsize == 2 else ""
         raise ValueError(
             f"decay={describe(decay)} rounds to 1.0 in the state dtype {dtype.name} (from "
             f"{source}), so the average would never change; use a smaller decay{wider}{sr}."
         )
-    e = concrete(eps)
-    if e is not None and float(e) > 0.0 and float(e.astype(dtype)) == 0.0:
+    e = as_float64(eps)
+    if e is not None and e > 0.0 and _in_dtype(e, dtype) == 0.0:
         raise ValueError(
             f"eps={describe(eps)} rounds to 0 in the state dtype {dtype.name} (from {source}); "
             f"the smallest positive {dtype.name} is {float(_tiny(dtype)):.3g}. Use a larger eps{wider}."
         )
+
+
+def _in_dtype(x: float, dtype: np.dtype) -> float:
+    """``x`` rounded to ``dtype`` (float64 -> dtype directly: one rounding)."""
+    return float(np.asarray(x, np.float64).astype(dtype).astype(np.float64))
 
 
 def _tiny(dtype: np.dtype) -> np.ndarray:

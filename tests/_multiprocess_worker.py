@@ -9,6 +9,7 @@ replicated) to ``DIR/process_I.npz``. The test module imports ``model_setup``,
 """
 
 import argparse
+import inspect
 import pathlib
 import sys
 from typing import Any
@@ -77,13 +78,14 @@ def main() -> int:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_numpy_dtype_promotion", "strict")
     jax.config.update("jax_numpy_rank_promotion", "raise")
+    # The timeouts jax.distributed.initialize knows (shutdown_timeout_seconds is newer than jax 0.8.0).
+    timeouts = {"initialization_timeout": 60, "heartbeat_timeout_seconds": 30, "shutdown_timeout_seconds": 30}
+    known = inspect.signature(jax.distributed.initialize).parameters
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{args.port}",
         num_processes=args.num_processes,
         process_id=args.process_id,
-        initialization_timeout=60,
-        heartbeat_timeout_seconds=30,
-        shutdown_timeout_seconds=30,
+        **{name: value for name, value in timeouts.items() if name in known},
     )
     try:
         from jax.sharding import AxisType, NamedSharding, PartitionSpec as P

@@ -81,12 +81,37 @@ def test_eps_that_underflows_in_parameter_precision_is_rejected_at_init():
 
 
 @pytest.mark.parametrize("transform", [rmsprop_jax.rmsprop(1e-3), rmsprop_jax.scale_by_rms()])
-def test_tree_structure_mismatch_names_both_structures_and_first_difference(transform):
+def test_tree_structure_mismatch_names_missing_and_extra_paths(transform):
     state = transform.init({"w": jnp.ones(3), "b": jnp.ones(2)})
-    with pytest.raises(ValueError, match=r"First difference: \['a'\] vs \['b'\]") as info:
+    with pytest.raises(ValueError, match=r"missing from updates: \['b'\]; extra in updates: \['a'\]\.") as info:
         transform.update({"a": jnp.ones(2), "w": jnp.ones(3)}, state)
     assert "PyTreeDef({'a': *, 'w': *})" in str(info.value)
     assert "PyTreeDef({'b': *, 'w': *})" in str(info.value)
+
+
+def test_tree_mismatch_lists_every_missing_and_extra_path_in_a_nested_tree():
+    opt = rmsprop_jax.rmsprop(1e-3)
+    state = opt.init({"enc": {"w": jnp.ones(2), "b": jnp.ones(2)}, "dec": [jnp.ones(2), jnp.ones(2)]})
+    grads = {"enc": {"w": jnp.ones(2)}, "dec": [jnp.ones(2), jnp.ones(2), jnp.ones(2)], "head": jnp.ones(2)}
+    with pytest.raises(ValueError) as info:
+        opt.update(grads, state)
+    assert "updates has 5 leaves, the optimizer state (built from params) has 4" in str(info.value)
+    assert "missing from updates: ['enc']['b']; extra in updates: ['dec'][2], ['head']." in str(info.value)
+
+
+def test_tree_mismatch_with_the_same_paths_names_the_node_types():
+    opt = rmsprop_jax.rmsprop(1e-3)
+    state = opt.init([jnp.ones(2), jnp.ones(2)])
+    with pytest.raises(ValueError, match="the leaf paths agree but the node types differ") as info:
+        opt.update((jnp.ones(2), jnp.ones(2)), state)
+    assert "PyTreeDef((*, *))" in str(info.value) and "PyTreeDef([*, *])" in str(info.value)
+
+
+def test_tree_mismatch_lists_at_most_ten_paths():
+    opt = rmsprop_jax.rmsprop(1e-3)
+    state = opt.init({f"p{i:02d}": jnp.ones(1) for i in range(12)})
+    with pytest.raises(ValueError, match=re.escape("['p09'] and 2 more; extra in updates: ['q']")):
+        opt.update({"q": jnp.ones(1)}, state)
 
 
 def test_leaf_count_mismatch():
