@@ -103,7 +103,9 @@ class FlatState:
 class _StateLayout:
     """Static part of :class:`FlatState`: hashable, compared by value."""
 
-    def __init__(self, params: _flat_layout.FlatLayout, state_treedef: Any, packed: tuple[tuple[str, int], ...]) -> None:
+    def __init__(
+        self, params: _flat_layout.FlatLayout, state_treedef: Any, packed: tuple[tuple[str, int], ...]
+    ) -> None:
         self.params = params
         self.state_treedef = state_treedef
         self.packed = packed
@@ -145,7 +147,11 @@ def _candidates(layout: _flat_layout.FlatLayout, state: Any) -> dict[str, list[i
 
 
 def _bytes_accessed(
-    optimizer: Any, layout: _flat_layout.FlatLayout, leaves: list[Any], state_treedef: Any, packed: tuple[tuple[str, int], ...]
+    optimizer: Any,
+    layout: _flat_layout.FlatLayout,
+    leaves: list[Any],
+    state_treedef: Any,
+    packed: tuple[tuple[str, int], ...],
 ) -> float | None:
     """XLA's count of the bytes one compiled step reads and writes, or None when unavailable."""
     sds = jax.ShapeDtypeStruct
