@@ -122,16 +122,20 @@ def landing_update(p: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Arra
     """
     dtype = p.dtype
     u0 = (target.astype(jnp.float32) - p.astype(jnp.float32)).astype(dtype)
-    up = jnp.nextafter(u0, jnp.asarray(np.inf, dtype))
-    down = jnp.nextafter(u0, jnp.asarray(-np.inf, dtype))
+    # Neighbours by bit pattern (u0 = ±0 only where target == p, handled below).
+    b0 = _bits(u0)
+    one, neg = jnp.uint16(1), b0 >= jnp.uint16(0x8000)
+    up = jax.lax.bitcast_convert_type(jnp.where(neg, b0 - one, b0 + one), dtype)
+    down = jax.lax.bitcast_convert_type(jnp.where(neg, b0 + one, b0 - one), dtype)
     want = _order(_bits(target))
-    u, r = u0, _bits(apply(p, u0))
-    miss = jnp.abs(_order(r) - want)
-    for cand in (up, down):  # an exact landing (miss 0) wins, else the nearest; u0 on ties
-        rc = _bits(apply(p, cand))
-        mc = jnp.abs(_order(rc) - want)
-        better = mc < miss
-        u, r, miss = jnp.where(better, cand, u), jnp.where(better, rc, r), jnp.where(better, mc, miss)
+    r0, r_up, r_down = (_bits(apply(p, c)) for c in (u0, up, down))
+    m0, m_up, m_down = (jnp.abs(_order(r) - want) for r in (r0, r_up, r_down))
+    # An exact landing (miss 0) wins, else the nearest; u0, then up, on ties. Independent
+    # selects rather than a chain, which XLA would recompute per consumer.
+    pick_down = m_down < jnp.minimum(m0, m_up)
+    pick_up = ~pick_down & (m_up < m0)
+    u = jnp.where(pick_down, down, jnp.where(pick_up, up, u0))
+    r = jnp.where(pick_down, r_down, jnp.where(pick_up, r_up, r0))
     same = _bits(target) == _bits(p)
     u = jnp.where(same, jnp.asarray(-0.0, dtype), u)
     r = jnp.where(same, _bits(p), r)
