@@ -528,3 +528,14 @@ def test_ml_dtypes_rounding_helper_is_round_to_nearest_even():
         np.testing.assert_array_equal(rn(x.astype(np.float64), dtype), x.astype(dtype))
     assert rn(np.asarray([1 + 2.0**-8]), BF16)[0] == 1  # a tie goes to even
     assert ml_dtypes.bfloat16 is BF16.type
+
+
+def test_training_in_16_bits_guide_runs():
+    """docs/training_in_16_bits.md's Flax NNX recipe, as a doctest."""
+    import doctest
+    import pathlib
+
+    page = pathlib.Path(__file__).resolve().parents[1] / "docs" / "training_in_16_bits.md"
+    result = doctest.testfile(str(page), module_relative=False, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 5
+    assert result.failed == 0
