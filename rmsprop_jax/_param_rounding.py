@@ -17,7 +17,7 @@ same ``apply_updates`` lands on a better rounding of the exact sum
 Landing. The returned update ``u`` is a 16-bit number, and ``θ + u`` is itself rounded,
 so ``u = target - θ`` rounded to 16 bits is not always right: when ``target - θ`` needs
 more than 16 bits (a step as large as ``θ``), rounding ``u`` and rounding ``θ + u``
-can both go the wrong way. :func:`landing_update` tries ``u`` and its two neighbours
+can both go the wrong way. :func:`landing_update` tries ``u`` and its neighbour on the side it misses
 with the very expression ``apply_updates`` evaluates and keeps one that lands.
 Some targets no 16-bit ``u`` can reach (``θ = 2**-8``, target ``1 + 2**-7`` in bfloat16:
 every ``θ + u`` near it is a tie that rounds to an even neighbour); there ``u`` lands on
@@ -87,22 +87,21 @@ def apply(p: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.asarray(p + u).astype(jnp.asarray(p).dtype)
 
 
-def _order(bits: jax.Array) -> jax.Array:
-    """16-bit float bit patterns as int32 in value order (-0 and +0 both 0): steps between values."""
-    b = bits.astype(jnp.int32)
-    mag = b & 0x7FFF
-    return jnp.where(b >= 0x8000, -mag, mag)
-
-
 def _bits(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    """The bit pattern of a 16-bit float, as int32 in [0, 2**16) (XLA:CPU vectorizes 32-bit integers better)."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.int32)
+
+
+def _order(bits: jax.Array) -> jax.Array:
+    """Bit patterns from :func:`_bits` in value order (-0 and +0 both 0): differences count representable steps."""
+    return jnp.where(bits >= 0x8000, 0x8000 - bits, bits)
 
 
 def landing_update(p: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A 16-bit update ``u`` with ``apply(p, u) == target``, and where ``apply(p, u)`` lands.
 
-    ``u`` is ``target - p`` rounded to ``p``'s dtype, or one of its two neighbours,
-    whichever lands on ``target`` under :func:`apply`; when none does (the target is
+    ``u`` is ``target - p`` rounded to ``p``'s dtype, or its neighbour on the side where
+    that misses, whichever lands on ``target`` under :func:`apply`; when neither does (the target is
     not reachable from ``p`` by any 16-bit update; see the module docstring) the one
     that lands the fewest representable steps away. Where ``target == p`` it is
     ``-0.0``, which leaves every value (``inf`` and ``-0.0`` included) bit for bit
@@ -122,24 +121,23 @@ def landing_update(p: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Arra
     """
     dtype = p.dtype
     u0 = (target.astype(jnp.float32) - p.astype(jnp.float32)).astype(dtype)
-    # Neighbours by bit pattern (u0 = ±0 only where target == p, handled below).
-    b0 = _bits(u0)
-    one, neg = jnp.uint16(1), b0 >= jnp.uint16(0x8000)
-    up = jax.lax.bitcast_convert_type(jnp.where(neg, b0 - one, b0 + one), dtype)
-    down = jax.lax.bitcast_convert_type(jnp.where(neg, b0 + one, b0 - one), dtype)
     want = _order(_bits(target))
-    r0, r_up, r_down = (_bits(apply(p, c)) for c in (u0, up, down))
-    m0, m_up, m_down = (jnp.abs(_order(r) - want) for r in (r0, r_up, r_down))
-    # An exact landing (miss 0) wins, else the nearest; u0, then up, on ties. Independent
-    # selects rather than a chain, which XLA would recompute per consumer.
-    pick_down = m_down < jnp.minimum(m0, m_up)
-    pick_up = ~pick_down & (m_up < m0)
-    u = jnp.where(pick_down, down, jnp.where(pick_up, up, u0))
-    r = jnp.where(pick_down, r_down, jnp.where(pick_up, r_up, r0))
+    r0 = _bits(apply(p, u0))
+    m0 = _order(r0) - want
+    # θ + u rounds monotonically in u, so only the neighbour on the side of the miss can do
+    # better: up (by bit pattern) when u0 lands low, down when it lands high. (u0 = ±0 only
+    # where target == p, handled below.)
+    b0 = _bits(u0)
+    cand_bits = jnp.where((m0 < 0) == (b0 < 0x8000), b0 + 1, b0 - 1) & 0xFFFF
+    cand = jax.lax.bitcast_convert_type(cand_bits.astype(jnp.uint16), dtype)
+    rc = _bits(apply(p, cand))
+    better = jnp.abs(_order(rc) - want) < jnp.abs(m0)  # an exact landing wins, else the nearer; u0 on ties
+    u = jnp.where(better, cand, u0)
+    r = jnp.where(better, rc, r0)
     same = _bits(target) == _bits(p)
     u = jnp.where(same, jnp.asarray(-0.0, dtype), u)
     r = jnp.where(same, _bits(p), r)
-    return u, jax.lax.bitcast_convert_type(r, dtype)
+    return u, jax.lax.bitcast_convert_type(r.astype(jnp.uint16), dtype)
 
 
 def param_rounding(mode: str, *, seed: int = 0) -> optax.GradientTransformation:
