@@ -539,3 +539,18 @@ def test_training_in_16_bits_guide_runs():
     result = doctest.testfile(str(page), module_relative=False, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 5
     assert result.failed == 0
+
+
+def test_mismatched_update_shape_named():
+    opt = rmsprop_jax.param_rounding("stochastic")
+    params = {"w": jnp.ones(3, jnp.bfloat16)}
+    with pytest.raises(ValueError, match=r"updates\['w'\] has shape \(4,\); params\['w'\] has \(3,\)"):
+        opt.update({"w": jnp.ones(4, jnp.bfloat16)}, opt.init(params), params)
+
+
+def test_empty_state_with_16_bit_params_is_refused():
+    opt = rmsprop_jax.param_rounding("compensated")
+    state = opt.init({"w": jnp.ones(3, jnp.float32)})
+    params = {"w": jnp.ones(3, jnp.bfloat16)}
+    with pytest.raises(ValueError, match="init saw no bfloat16 or float16 parameter"):
+        opt.update(params, state, params)
