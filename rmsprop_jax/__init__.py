@@ -10,6 +10,7 @@ from rmsprop_jax._diagnostics import (
 )
 from rmsprop_jax._flat_layout import flatten_params as flatten_params
 from rmsprop_jax._flat_mode import FlatState as FlatState, flat_apply as flat_apply, flat_init as flat_init
+from rmsprop_jax._param_rounding import ParamRoundingState as ParamRoundingState, param_rounding as param_rounding
 from rmsprop_jax._sharding import zero1_shardings as zero1_shardings
 from rmsprop_jax._storage import StoredBuffer as StoredBuffer, decode_state as decode_state
 from rmsprop_jax._transform import ScaleByRmsState as ScaleByRmsState, scale_by_rms as scale_by_rms
@@ -23,6 +24,7 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree
 __all__ = (
     "EffectiveLearningRate",
     "FlatState",
+    "ParamRoundingState",
     "RmspropState",
     "ScaleByRmsState",
     "StoredBuffer",
@@ -31,6 +33,7 @@ __all__ = (
     "flat_apply",
     "flat_init",
     "flatten_params",
+    "param_rounding",
     "presets",
     "rmsprop",
     "scale_by_rms",
