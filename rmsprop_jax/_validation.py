@@ -6,7 +6,6 @@ check would need a host round trip on every step.
 """
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
