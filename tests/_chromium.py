@@ -55,20 +55,25 @@ class Browser:
         self._profile = tempfile.mkdtemp(prefix="rmsprop-jax-chromium-")
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
-        # The child's ends move above fd 4 first, so that dup2 to 3 and 4 never hits its own source.
+        # The child's ends move above fd 4 first, so that the redirections never hit their own source.
         to_browser_r, from_browser_w = _above_4(to_browser_r), _above_4(from_browser_w)
-
-        def at_fds_3_and_4() -> None:  # in the child, before exec; dup2 makes them inheritable
-            os.dup2(to_browser_r, 3)
-            os.dup2(from_browser_w, 4)
-
+        # bash (dash takes one-digit fds only) puts them at fds 3 and 4. No preexec_fn: that would
+        # make Python fork with its at-fork hooks, which warn in a process where JAX runs threads.
         self._proc = subprocess.Popen(
-            [binary, *FLAGS, f"--user-data-dir={self._profile}", f"--window-size={width},{height}", "about:blank"],
+            [
+                "/bin/bash",
+                "-c",
+                f'exec "$0" "$@" 3<&{to_browser_r} 4>&{from_browser_w}',
+                binary,
+                *FLAGS,
+                f"--user-data-dir={self._profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=at_fds_3_and_4,
-            close_fds=False,
+            pass_fds=(to_browser_r, from_browser_w),
         )
         os.close(to_browser_r)
         os.close(from_browser_w)
