@@ -7,6 +7,9 @@ ARGS ?=
 # Line coverage of rmsprop_jax/, printed and enforced by `make pytest` (CI); `make pytest
 # COV= ARGS=tests/test_x.py` runs a subset without it.
 COV ?= --cov=rmsprop_jax --cov-report=term-missing:skip-covered --cov-fail-under=95
+# Both cores, each test file on one worker (tests in a file share fixtures and ports);
+# `make pytest XDIST=` runs in one process.
+XDIST ?= -n 2 --dist loadfile
 
 .PHONY: demo bench notebooks docs test pytest test-min test-min-all lint format typecheck clean
 
@@ -36,7 +39,7 @@ docs: $(VENV)/.installed-docs
 test: lint typecheck docs pytest test-min
 
 pytest: $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(COV) $(ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(COV) $(ARGS)
 
 # The declared floors: .venv-min gets the lowest Python and every dependency at the lowest
 # version pyproject.toml allows (tools/min_constraints.py). `make test-min` runs there the
