@@ -42,7 +42,7 @@ _IMPORTS = re.compile(r"^>>> (?:import ([\w., ]+)|from (\w+)[\w.]* import)", re.
 def _imported_modules(text):
     names = set()
     for plain, source in _IMPORTS.findall(text):
-        for part in (plain.split(",") if plain else [source]):
+        for part in plain.split(",") if plain else [source]:
             names.add(part.strip().split(" ")[0].split(".")[0])
     return sorted(names)
 
