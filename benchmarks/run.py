@@ -198,13 +198,17 @@ _COMPILE_LIBS = ("optax", "ours_tree", "optax_cm", "ours_tree_cm", "ours_flat")
 
 
 def _compile_opt(lib: str) -> Any:
-    """The optimizer of a compile probe; ``_cm``: centered with momentum 0.9, same options on both sides."""
+    """The optimizer of a compile probe; ``_cm``: centered with momentum 0.9, same options on both sides.
+
+    The same math on both sides: optax adds eps inside the root by default, we outside, so
+    ours is given ``eps_in_sqrt=True``.
+    """
     import optax
 
     kw = {"centered": True, "momentum": 0.9} if lib.endswith("_cm") else {}
     if lib.startswith("optax"):
         return optax.rmsprop(C.LR, decay=C.DECAY, eps=C.EPS, **kw)
-    return rmsprop_jax.rmsprop(C.LR, decay=C.DECAY, eps=C.EPS, **kw)
+    return rmsprop_jax.rmsprop(C.LR, decay=C.DECAY, eps=C.EPS, eps_in_sqrt=True, **kw)
 
 
 def compile_probe(lib: str, n_leaves: int) -> dict[str, Any]:
