@@ -181,5 +181,5 @@ def rmsprop(
       Graves, `Generating Sequences With Recurrent Neural Networks
       <https://arxiv.org/abs/1308.0850>`_, 2013.
     """
-    cfg = RmsConfig.create(**locals())  # the arguments above, every one checked there
+    cfg = RmsConfig(**locals())  # the arguments above, every one checked there
     return optax.GradientTransformationExtraArgs(*_step.transformation(cfg, RmspropState))

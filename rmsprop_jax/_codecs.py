@@ -28,28 +28,23 @@ init and rounding here, and the step treats it as its one explicit branch.
 
 import dataclasses
 import enum
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsprop_jax import _dtypes, _factored, _quantize, _stochastic_rounding, _tree, _validation
+from rmsprop_jax import _dtypes, _factored, _kernel, _quantize, _stochastic_rounding, _tree, _validation
 from rmsprop_jax._storage import full_reduced, placeholder
 
 
 class Buffer(enum.IntEnum):
-    """The stored buffers; the value is the salt of the buffer's random stream (see :func:`salt`)."""
+    """The stored buffers; the value is the salt of the buffer's random stream (see :meth:`StepContext.salt`)."""
 
     NU = 0
     MU = 1
     TRACE = 2
     COLUMNS = 3  # factored S's column statistics
-
-
-def salt(index: int, buffer: Buffer) -> int:
-    """The stream of one buffer of the leaf at flatten position ``index``: independent across both."""
-    return 4 * index + int(buffer)
 
 
 class StepContext(NamedTuple):
@@ -63,12 +58,27 @@ class StepContext(NamedTuple):
     g: jax.Array  # the gradient the EMA of S uses (compute dtype)
     bound: jax.Array | None  # per 8-bit block, a bound of |g|
 
+    def salt(self, buffer: Buffer) -> int:
+        """The stream of one buffer of this leaf: independent across buffers and leaves."""
+        return 4 * self.leaf + int(buffer)
 
-_SR_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+    def bits(self, buffer: Buffer, shape: tuple[int, ...]) -> jax.Array:
+        """Random bits for stochastic rounding, one uint32 per element of ``shape``."""
+        return _stochastic_rounding.random_bits(self.key, self.step, self.salt(buffer), shape)
+
+
+class _SameShape:
+    """Codecs whose stored values have the parameter's shape."""
+
+    def param_shape(self, values: Any, aux: Any) -> Any:
+        return values
+
+    def keep(self, stored: tuple[Any, Any], ctx: StepContext) -> Any:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
-class FloatCodec:
+class FloatCodec(_SameShape):
     """A float array of the parameter's shape, rounded to nearest when narrower than the compute dtype.
 
     ``saturated``: the kernel already saturated the values (``S``), so no clip is needed.
@@ -85,9 +95,6 @@ class FloatCodec:
     def init(self, param: Any, value: Any) -> tuple[jax.Array, jax.Array]:
         return _tree.full_like(param, value, self.dtype), placeholder()
 
-    def param_shape(self, values: Any, aux: Any) -> Any:
-        return values
-
     def decode(self, stored: tuple[Any, Any], ct: np.dtype) -> jax.Array:
         return _dtypes.as_compute(stored[0], ct)
 
@@ -95,13 +102,12 @@ class FloatCodec:
         return x.astype(self.dtype)
 
     def keep(self, stored: tuple[Any, Any], ctx: StepContext) -> Any:
-        ct = ctx.ct
-        if _dtypes.real_dtype(self.dtype) == ct:
+        if _dtypes.real_dtype(self.dtype) == ctx.ct:
             return None  # the compute dtype holds it exactly
 
         def store(x: jax.Array) -> tuple[tuple[jax.Array, Any], jax.Array]:
             kept = self.round(x, ctx)
-            return (kept, stored[1]), _dtypes.as_compute(kept, ct)
+            return (kept, stored[1]), _dtypes.as_compute(kept, ctx.ct)
 
         return store
 
@@ -114,12 +120,12 @@ class StochasticCodec(FloatCodec):
     """A 16-bit float array rounded up or down at random, unbiased (:mod:`._stochastic_rounding`)."""
 
     def round(self, x: jax.Array, ctx: StepContext) -> jax.Array:
-        bits = _stochastic_rounding.random_bits(ctx.key, ctx.step, salt(ctx.leaf, self.buffer), x.shape)
+        bits = ctx.bits(self.buffer, x.shape)
         return _stochastic_rounding.round_stochastic(x, self.dtype, bits, saturate=not self.saturated)
 
 
 @dataclasses.dataclass(frozen=True)
-class Int8Codec:
+class Int8Codec(_SameShape):
     """Signed 8-bit codes with one float32 scale per block, the block's exact largest magnitude.
 
     Encoded after the update, which reads the unrounded value (momentum).
@@ -129,10 +135,7 @@ class Int8Codec:
     block_size: int
     stochastic: bool
     fmt: _quantize.Format = _quantize.SIGNED
-
-    @property
-    def top(self) -> float:
-        return float(np.finfo(np.float32).max)
+    top: ClassVar[float] = float(np.finfo(np.float32).max)  # the largest decoded value
 
     def init(self, param: Any, value: Any) -> tuple[jax.Array, jax.Array]:
         v = _validation.concrete(value)
@@ -140,25 +143,14 @@ class Int8Codec:
         scales_shape = _quantize.scales_shape(tuple(np.shape(param)), self.block_size)
         return _tree.full_like(param, code, self.fmt.dtype), full_reduced(param, scales_shape, value, jnp.float32, None)
 
-    def param_shape(self, values: Any, aux: Any) -> Any:
-        return values
-
     def decode(self, stored: tuple[Any, Any], ct: np.dtype) -> jax.Array:
         return _quantize.dequantize(stored[0], stored[1], self.fmt).astype(ct)
-
-    def keep(self, stored: tuple[Any, Any], ctx: StepContext) -> Any:
-        return None
-
-    def bits(self, shape: tuple[int, ...], ctx: StepContext) -> jax.Array | None:
-        if not self.stochastic:
-            return None
-        return _stochastic_rounding.random_bits(ctx.key, ctx.step, salt(ctx.leaf, self.buffer), shape)
 
     def scale(self, stored: tuple[Any, Any], ctx: StepContext) -> jax.Array | None:
         return None  # the exact block maxima, from the new values
 
     def encode(self, x: jax.Array, stored: tuple[Any, Any], ctx: StepContext) -> tuple[jax.Array, jax.Array]:
-        bits = self.bits(stored[0].shape, ctx)
+        bits = ctx.bits(self.buffer, stored[0].shape) if self.stochastic else None
         return _quantize.quantize(x, self.block_size, self.fmt, bits, self.scale(stored, ctx))
 
 
@@ -171,7 +163,7 @@ class Int8MeanCodec(Int8Codec):
         assert ctx.bound is not None
         a = _quantize.decoded_block_max(stored[0], stored[1], self.fmt)
         s = ctx.scalars
-        return at_most_f32(s.decay.astype(jnp.float32) * a + s.one_minus_decay.astype(jnp.float32) * ctx.bound)
+        return _at_most_f32(s.decay.astype(jnp.float32) * a + s.one_minus_decay.astype(jnp.float32) * ctx.bound)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,11 +183,7 @@ class Int8EmaCodec(Int8Codec):
         def store(x: jax.Array) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
             d, omd = ctx.scalars.decay, ctx.scalars.one_minus_decay
             upper, lower = _nu_range_bound(codes, scales, ctx.bound, d, omd)
-            seed = (
-                _stochastic_rounding.step_seed(ctx.key, ctx.step, salt(ctx.leaf, self.buffer))
-                if self.stochastic
-                else None
-            )
+            seed = _stochastic_rounding.step_seed(ctx.key, ctx.step, ctx.salt(self.buffer)) if self.stochastic else None
             new = _quantize.ema_step(codes, scales, d, omd, ctx.g, seed, upper, lower)
             return new, _quantize.dequantize(*new, self.fmt).astype(x.dtype)
 
@@ -204,35 +192,29 @@ class Int8EmaCodec(Int8Codec):
 
 @dataclasses.dataclass(frozen=True)
 class FactoredCodec:
-    """Factored ``S``: row statistics as values, column statistics as aux (:mod:`._factored`)."""
+    """Factored ``S``: row statistics as values, column statistics as aux (:mod:`._factored`), stored as ``rows``."""
 
-    dtype: np.dtype
-    stochastic: bool
+    rows: FloatCodec  # the codec of the row statistics (buffer NU); the columns' differs in its buffer only
 
     @property
-    def top(self) -> float:
-        return float(jnp.finfo(self.dtype).max)
+    def dtype(self) -> np.dtype:
+        return self.rows.dtype
 
     def init(self, param: Any, value: Any) -> tuple[jax.Array, jax.Array]:
-        shape = tuple(np.shape(param))
-        row = full_reduced(param, _factored.row_shape(shape), value, self.dtype, -1)
-        return row, full_reduced(param, _factored.col_shape(shape), value, self.dtype, -2)
+        shape, dtype = tuple(np.shape(param)), self.dtype
+        row = full_reduced(param, _factored.row_shape(shape), value, dtype, -1)
+        return row, full_reduced(param, _factored.col_shape(shape), value, dtype, -2)
 
     def param_shape(self, values: Any, aux: Any) -> Any:
         return jax.ShapeDtypeStruct((*values.shape, aux.shape[-1]), values.dtype)
 
     def encode(self, row: jax.Array, col: jax.Array, ctx: StepContext) -> tuple[jax.Array, jax.Array]:
         """The new statistics stored (already saturated by the step)."""
-        rows = StochasticCodec if self.stochastic and self.dtype in _SR_DTYPES else FloatCodec
-        return (
-            rows(Buffer.NU, self.dtype, saturated=True).round(row, ctx),
-            rows(Buffer.COLUMNS, self.dtype, saturated=True).round(col, ctx),
-        )
+        return self.rows.round(row, ctx), dataclasses.replace(self.rows, buffer=Buffer.COLUMNS).round(col, ctx)
 
 
-def at_most_f32(x: jax.Array) -> jax.Array:
-    big = jnp.float32(np.finfo(np.float32).max)
-    return jnp.where(x > big, big, x)
+def _at_most_f32(x: jax.Array) -> jax.Array:
+    return _kernel.at_most(x, np.float32(np.finfo(np.float32).max))
 
 
 def _nu_range_bound(
@@ -249,7 +231,7 @@ def _nu_range_bound(
     """
     top, bottom = _quantize.decoded_block_range(codes, scales, _quantize.UNSIGNED)
     d, m = decay.astype(jnp.float32), grad_bound
-    return at_most_f32(d * top + (one_minus_decay.astype(jnp.float32) * m) * m), d * bottom
+    return _at_most_f32(d * top + (one_minus_decay.astype(jnp.float32) * m) * m), d * bottom
 
 
 def grad_block_bound(g: jax.Array, block_size: int, param: Any = None, weight_decay: Any = None) -> jax.Array:

@@ -74,34 +74,30 @@ class StepScalars(NamedTuple):
     one_minus_decay: jax.Array
     eps: jax.Array
     debias: jax.Array | None  # 1 - decay**t, when bias correction is on
+    lr: Any = None  # rmsprop's own (None for scale_by_rms), and None when the option is off
+    momentum: Any = None
+    weight_decay: Any = None
 
 
 def step_scalars(
-    decay: Any,
-    eps: Any,
-    count: jax.Array,
-    new_count: jax.Array,
-    dtype: np.dtype,
-    bias_correction: bool,
+    dtype: np.dtype, new_count: jax.Array, bias_correction: bool, decay: Any, eps: Any, *descent: Any
 ) -> StepScalars:
-    """Evaluates schedules at ``count`` (updates done before this one) and casts."""
-    decay_t = decay(count) if callable(decay) else decay
-    d = scalar(decay_t, dtype)
-    debias = None
-    if bias_correction:
-        debias = 1 - d ** new_count.astype(dtype)
-    return StepScalars(d, one_minus(decay_t, dtype), scalar(eps, dtype), debias)
+    """The scalars in ``dtype``: ``decay`` is its value at this step, ``new_count`` the steps done after it,
+    ``descent`` the learning rate, momentum and weight decay (each None where absent)."""
+    d = scalar(decay, dtype)
+    debias = 1 - d ** new_count.astype(dtype) if bias_correction else None
+    rest = (None if x is None else scalar(x, dtype) for x in descent)
+    return StepScalars(d, one_minus(decay, dtype), scalar(eps, dtype), debias, *rest)
 
 
 class RmsOptions(NamedTuple):
-    """Static switches of the second-moment normalization.
+    """Static switches of the second-moment normalization (centered is given by passing ``m``).
 
     ``eps`` is its concrete value, or None when traced (then every safeguard that
     depends on it is on).
     """
 
     eps_in_sqrt: bool
-    centered: bool
     eps: float | None
 
     @property
@@ -131,7 +127,7 @@ def _weighted_abs_sq(w: jax.Array, x: jax.Array) -> jax.Array:
     return (w * x) * x
 
 
-def _at_most(x: jax.Array, top: jax.Array) -> jax.Array:
+def at_most(x: jax.Array, top: Any) -> jax.Array:
     """``min(x, top)``, nan kept. Written as a select: XLA:CPU then materializes the new
     state once and the update reads it, instead of recomputing it from the old state
     (which, with donated buffers, costs a copy of the state)."""
@@ -152,8 +148,9 @@ def rms_normalize(
 
     Returns ``(u, nu_new, mu_new)`` with ``u = g / den``, where ``den`` is
     ``sqrt(v) + eps`` or ``sqrt(v + eps)`` and ``v`` is the (debiased) EMA of |g|^2,
-    minus |EMA of g|^2 when centered. ``v`` is clamped at zero: in floating point
-    the centered difference of two nearly equal numbers can come out negative.
+    minus |EMA of g|^2 when centered (when ``mu``, the stored EMA of g, is given; None
+    otherwise). ``v`` is clamped at zero: in floating point the centered difference of
+    two nearly equal numbers can come out negative.
 
     ``nu_new`` saturates at ``nu_max``, the state dtype's largest finite value; where it
     does, ``mu_new`` is scaled down by a constant power of two, so that ``|m|^2 <= S``
@@ -184,10 +181,9 @@ def rms_normalize(
     nu_raw = d * nu + omd * abs_sq(g)
     # Where that overflowed (or is nan: (1 - rho) * inf at rho = 1), redo it with
     # (1 - rho) applied before the second factor of g, and saturate: never inf.
-    nu_new = jnp.where(nu_raw <= top, nu_raw, _at_most(d * nu + _weighted_abs_sq(omd, g), top))
+    nu_new = jnp.where(nu_raw <= top, nu_raw, at_most(d * nu + _weighted_abs_sq(omd, g), top))
     mu_new = None
-    if opts.centered:
-        assert mu is not None
+    if mu is not None:  # centered
         mu_new = scale(d, mu) + scale(omd, g)
         # Where S saturated, scale m down by a power of two so that |m|^2 <= S keeps
         # holding: the mean is forgotten, the state stays consistent (never S < |m|^2,
@@ -198,22 +194,17 @@ def rms_normalize(
         nu_out, nu_new = store_nu(nu_new)
     if store_mu is not None and mu_new is not None:
         mu_out, mu_new = store_mu(mu_new)
-    lossy = store_nu is not None
 
     # The textbook denominator.
-    nu_hat = nu_new if b is None else nu_new / b
-    if opts.centered:
-        assert mu_new is not None
-        mu_hat = mu_new if b is None else divide(mu_new, b)
-        var = jnp.maximum(nu_hat - abs_sq(mu_hat), 0)
-    else:
-        var = nu_hat
+    var = nu_new if b is None else nu_new / b
+    if mu_new is not None:
+        var = jnp.maximum(var - abs_sq(mu_new if b is None else divide(mu_new, b)), 0)
     # With eps outside the root, ``den`` is sqrt(v) until eps is added at the end.
     den = root(var, s.eps, opts.eps_in_sqrt)
 
     # Where the stored S saturated (or S / (1 - rho^t) would overflow) ...
     special = None  # None: everywhere (a rounded S may fall below the bound at any element)
-    if not lossy:
+    if store_nu is None:
         special = nu_new >= (top if b is None else top * b)
         eps_bound, s_floor = _small_limits(opts.eps_in_sqrt, ct)
         if opts.eps is None or opts.eps < eps_bound:
@@ -224,18 +215,21 @@ def rms_normalize(
             special = special | under
     # ... the root is the larger of the value from the stored state, in a form that
     # cannot overflow, and a lower bound of the true one computed from g (no square).
-    bound = _lower_bound(g, mu_new, s, opts, nu_new >= top, nu_max)
+    bound = _lower_bound(g, mu_new, s, nu_new >= top, nu_max)
     if b is None:
         if special is None:  # lossy storage: the bound applies everywhere
-            den = _larger(den, bound)
+            # max(den, bound) with den's NaN kept, as a select instead of XLA's NaN-propagating
+            # maximum: half the instructions on x86, for the compute-bound 8-bit step (the float
+            # paths keep the maximum, with which XLA fuses a packed flat step into one loop). A
+            # NaN bound comes only from a NaN g, whose step is NaN anyway.
+            den = jnp.where(bound > den, bound, den)
         else:
             # max(den, bound or 0) equals where(special, max(den, bound), den) for den, bound >= 0,
             # and reads den once: XLA then fuses S and the step into one loop (see _flat_mode.py).
             den = jnp.maximum(den, jnp.where(special, bound, jnp.zeros_like(bound)))
     else:
         x = nu_new
-        if opts.centered:
-            assert mu_new is not None
+        if mu_new is not None:
             x = jnp.maximum(nu_new - abs_sq(mu_new) / b, 0)
         # sqrt(x / b (+ eps)) = sqrt(x (+ eps b)) / sqrt(b): no overflow for x <= max.
         safe = jnp.maximum(
@@ -274,24 +268,19 @@ def add_weight_decay(x: jax.Array, wd: jax.Array, param: jax.Array) -> jax.Array
 
 
 def momentum(
-    u: jax.Array,
-    b: jax.Array,
-    lr: jax.Array,
-    mom: jax.Array,
-    nesterov: bool,
-    lr_after_momentum: bool,
-    keep: "Store | None",
+    u: jax.Array, b: jax.Array, s: StepScalars, nesterov: bool, lr_after: bool, keep: "Store | None"
 ) -> tuple[jax.Array, Any]:
-    r"""Heavy-ball momentum on the normalized gradient ``u``: ``(step, new buffer)``.
+    r"""Heavy-ball momentum on the normalized gradient ``u``: ``(step, new buffer)``, with ``s.lr`` and ``s.momentum``.
 
     :math:`b_t = \mu b_{t-1} + \eta u_t` and step :math:`b_t` (or :math:`\eta u_t + \mu b_t`
-    with Nesterov); with ``lr_after_momentum``, :math:`b_t = \mu b_{t-1} + u_t` and step
+    with Nesterov); with ``lr_after`` (``lr_after_momentum``), :math:`b_t = \mu b_{t-1} + u_t` and step
     :math:`\eta b_t` (or :math:`\eta (u_t + \mu b_t)`). ``keep``, for a buffer stored
     narrower than the compute dtype, rounds the new buffer before the step reads it; the
     buffer is then returned in its stored form.
     """
+    lr, mom = s.lr, s.momentum
     lr_u = None
-    if lr_after_momentum:
+    if lr_after:
         b_new = scale(mom, b) + u
     else:
         lr_u = scale(lr, u)
@@ -302,17 +291,6 @@ def momentum(
     if lr_u is None:
         return scale(lr, u + scale(mom, b_new) if nesterov else b_new), b_out
     return (lr_u + scale(mom, b_new) if nesterov else b_new), b_out
-
-
-def _larger(den: jax.Array, bound: jax.Array) -> jax.Array:
-    """``max(den, bound)`` for a root and its bound (both >= 0), with ``den``'s NaN kept.
-
-    A select instead of XLA's NaN-propagating maximum: half the instructions on x86, for
-    the compute-bound 8-bit step (the float paths keep the maximum, with which XLA fuses
-    a packed flat step into one loop). A NaN ``bound`` comes only from a NaN ``g``,
-    whose step is NaN anyway.
-    """
-    return jnp.where(bound > den, bound, den)
 
 
 def _shrink(dtype: np.dtype, nu_max: float) -> float:
@@ -327,29 +305,23 @@ def _shrink(dtype: np.dtype, nu_max: float) -> float:
 
 
 def _lower_bound(
-    g: jax.Array,
-    mu_new: jax.Array | None,
-    s: StepScalars,
-    opts: RmsOptions,
-    saturated: jax.Array,
-    nu_max: float,
+    g: jax.Array, mu_new: jax.Array | None, s: StepScalars, saturated: jax.Array, nu_max: float
 ) -> jax.Array:
     """A lower bound of the true ``sqrt(v_t)`` that needs no square of ``g``.
 
     With ``b = 1 - rho^t`` (1 without bias correction) and ``p = (1 - rho) / b``, the
     weight of ``g_t`` in the average:
 
-    * plain: ``S_t / b >= p |g_t|^2``;
+    * plain (``mu_new`` None): ``S_t / b >= p |g_t|^2``;
     * centered: ``v_t >= p / (1 - p) |g_t - m_t / b|^2``. Without bias correction that
       is West's update ``v_t = rho v_{t-1} + rho (1 - rho) |g_t - m_{t-1}|^2`` (any
       ``S_0 >= 0``); with it, ``v_t`` is the variance of a mixture that puts weight ``p``
       on ``g_t``. Where ``S`` saturated, ``m_t`` is recovered from the scaled stored value.
     """
     d, omd, b = s.decay, s.one_minus_decay, s.debias
-    if not opts.centered:
+    if mu_new is None:
         p = omd if b is None else omd / b
         return jnp.sqrt(p) * jnp.abs(g)
-    assert mu_new is not None
     ct = np.dtype(d.dtype)
     m = jnp.where(saturated, scale(jnp.asarray(1 / _shrink(ct, nu_max), ct), mu_new), mu_new)
     rest = d if b is None else b - omd  # b (1 - p); 0 on a first debiased step, where v_1 = 0

@@ -6,9 +6,10 @@ factored estimator), momentum, decoupled weight decay, encode. How a buffer is s
 its codec's business (:mod:`._codecs`); nothing here depends on it.
 """
 
+import contextlib
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ import optax
 from rmsprop_jax import _codecs, _dtypes, _factored, _kernel, _nonfinite, _storage, _tree, _validation
 from rmsprop_jax._codecs import Buffer, StepContext
 from rmsprop_jax._config import RmsConfig
+from rmsprop_jax._kernel import StepScalars
 
 
 STATE_NAME = "the optimizer state (built from params)"
@@ -41,152 +43,128 @@ def init(cfg: RmsConfig, params: Any) -> dict[str, Any]:
     return {**fields, "nonfinite_count": _nonfinite.init_count(cfg.on_nonfinite)}
 
 
-class Scalars(NamedTuple):
-    """The per-step scalars of one compute dtype."""
-
-    rms: _kernel.StepScalars
-    lr: jax.Array | None
-    momentum: jax.Array | None
-    weight_decay: jax.Array | None
-
-
 def update(cfg: RmsConfig, updates: Any, state: Any, params: Any, lr_t: Any, decay_t: Any) -> tuple[Any, Any]:
     """One step of the whole tree; ``lr_t``, ``decay_t``: the schedules' values at ``state.count``, or None."""
     mode = cfg.on_nonfinite
     _nonfinite.check_counter(mode, state.nonfinite_count)
-    has_trace = cfg.momentum is not None
     values = _storage.values_of(state.nu)
     treedef = jax.tree.structure(values)
-    _tree.flatten_like(updates, treedef, name="updates", reference_name=STATE_NAME, reference=values)
     n = treedef.num_leaves
-    nus = _storage.leaves(state.nu, n)
-    mus = _storage.leaves(state.mu, n) if cfg.centered else [None] * n
-    bufs = _storage.leaves(state.trace, n) if has_trace else [None] * n
+    fields = {"nu": True, "mu": cfg.centered, "trace": cfg.momentum is not None}  # the buffers present
+    nus, mus, bufs = (_storage.leaves(getattr(state, f), n) if on else [None] * n for f, on in fields.items())
     refs = [cfg.codec_for_stored(Buffer.NU, *nu).param_shape(*nu) for nu in nus]
-    kinds = bufs if has_trace else mus  # leaves that are complex exactly when the parameter is
-    grads = []
-    for (path, g), ref, kind in zip(_tree.leaves_with_paths(updates)[0], refs, kinds, strict=True):
-        g = jnp.asarray(g)  # NumPy bfloat16 inputs must not promote
-        _tree.check_leaf(g, ref, path, name="updates", kind_leaf=None if kind is None else kind[0])
-        grads.append(g)
+    kinds = bufs if fields["trace"] else mus  # leaves that are complex exactly when the parameter is
+    # NumPy bfloat16 inputs must not promote: gradients become jax arrays before any check.
+    grads = _checked_leaves("updates", updates, treedef, values, refs, kinds, jnp.asarray)
     gs, all_finite = _nonfinite.screen(mode, grads)
     ps: list[Any] = [None] * n
     if cfg.use_weight_decay and n:
         if params is None:
             raise ValueError(_NO_PARAMS.format(wd=_validation.describe(cfg.weight_decay)))
-        ps = _tree.flatten_like(params, treedef, name="params", reference_name=STATE_NAME, reference=values)
-        for (path, p), ref in zip(_tree.leaves_with_paths(params)[0], refs, strict=True):
-            _tree.check_leaf(p, ref, path, name="params")
+        ps = _checked_leaves("params", params, treedef, values, refs, [None] * n, lambda p: p)
 
     count = jnp.asarray(optax.safe_increment(state.count))
 
     @functools.cache  # once per compute dtype while tracing
-    def scalars(ct: np.dtype) -> Scalars:
+    def scalars(ct: np.dtype) -> StepScalars:
         decay = cfg.decay if decay_t is None else decay_t
-        rms = _kernel.step_scalars(decay, cfg.eps, state.count, count, ct, cfg.bias_correction)
-        lr = None if cfg.learning_rate is None else _kernel.scalar(cfg.learning_rate if lr_t is None else lr_t, ct)
-        mom = None if cfg.momentum is None else _kernel.scalar(cfg.momentum, ct)
-        return Scalars(rms, lr, mom, _kernel.scalar(cfg.weight_decay, ct) if cfg.use_weight_decay else None)
+        lr = cfg.learning_rate if lr_t is None else lr_t
+        wd = cfg.weight_decay if cfg.use_weight_decay else None
+        return _kernel.step_scalars(ct, count, cfg.bias_correction, decay, cfg.eps, lr, cfg.momentum, wd)
 
     key = state.nu.key if isinstance(state.nu, _storage.StoredBuffer) else None
-    shared = _shared_leaf_step(cfg)
+    step = functools.partial(leaf_step, cfg)
+    with contextlib.suppress(TypeError):  # unhashable: array-valued hyperparameters (optax.inject_hyperparams)
+        step = step if cfg.stochastic_rounding else _jitted_leaf_step(cfg)  # equal leaves then traced once
     outs = []
     for i, (g, p, nu, mu, b) in enumerate(zip(gs, ps, nus, mus, bufs, strict=True)):
-        ct = _dtypes.compute_dtype(g.dtype, nu[0].dtype)
-        if shared is not None:
-            outs.append(shared(scalars(ct), state.count, g, p, nu, mu, b))
-        else:
-            outs.append(leaf_step(cfg, scalars(ct), StepContext(key, state.count, i, ct, None, g, None), p, nu, mu, b))
-    u, nu_new, mu_new, b_new = (list(x) for x in zip(*outs, strict=True)) if outs else ([], [], [], [])
-    fields = {"count": count, "nu": _storage.rebuild(state.nu, treedef, nu_new)}
-    if cfg.centered:
-        fields["mu"] = _storage.rebuild(state.mu, treedef, mu_new)
-    if has_trace:
-        fields["trace"] = _storage.rebuild(state.trace, treedef, b_new)
-    new_state = _nonfinite.skip_state(mode, all_finite, state._replace(**fields), state)._replace(
+        s = scalars(_dtypes.compute_dtype(g.dtype, nu[0].dtype))
+        # The leaf's position matters only to random streams; 0 lets equal leaves share one trace.
+        outs.append(step(s, key, state.count, i if cfg.stochastic_rounding else 0, g, p, nu, mu, b))
+    columns = list(zip(*outs, strict=True)) or [[]] * 4
+    buffers = zip(fields.items(), columns[1:], strict=True)
+    new = {f: _storage.rebuild(getattr(state, f), treedef, list(c)) for (f, on), c in buffers if on}
+    new_state = _nonfinite.skip_state(mode, all_finite, state._replace(count=count, **new), state)._replace(
         nonfinite_count=_nonfinite.next_count(mode, state.nonfinite_count, all_finite)
     )
-    return _nonfinite.skip_updates(mode, all_finite, jax.tree.unflatten(treedef, u)), new_state
+    return _nonfinite.skip_updates(mode, all_finite, jax.tree.unflatten(treedef, list(columns[0]))), new_state
 
 
-def _shared_leaf_step(cfg: RmsConfig) -> Callable[..., Any] | None:
-    """:func:`leaf_step` jitted, so that leaves of equal shape, dtype and storage are traced and lowered once.
-
-    Compile time grows with the number of leaves; tracing each one anew was about half of
-    it. XLA inlines the calls, so the compiled step is the same. Not with stochastic
-    rounding, whose random streams depend on the leaf's position, nor for a
-    configuration holding arrays (``optax.inject_hyperparams``), which cannot be static.
-    """
-    if cfg.stochastic_rounding:
-        return None
-    try:
-        return _jitted_leaf_step(cfg)
-    except TypeError:  # unhashable: array-valued hyperparameters
-        return None
+def _checked_leaves(
+    name: str, tree: Any, treedef: Any, values: Any, refs: list[Any], kinds: list[Any], convert: Callable[[Any], Any]
+) -> list[Any]:
+    """The leaves of ``tree`` (``updates`` or ``params``), converted, each checked against its parameter's shape."""
+    _tree.flatten_like(tree, treedef, name=name, reference_name=STATE_NAME, reference=values)
+    out = []
+    for (path, x), ref, kind in zip(_tree.leaves_with_paths(tree)[0], refs, kinds, strict=True):
+        x = convert(x)
+        _tree.check_leaf(x, ref, path, name=name, kind_leaf=None if kind is None else kind[0])
+        out.append(x)
+    return out
 
 
 @functools.lru_cache(maxsize=32)
 def _jitted_leaf_step(cfg: RmsConfig) -> Callable[..., Any]:
-    def step(s: Scalars, count: jax.Array, g: jax.Array, p: Any, nu: Any, mu: Any, b: Any) -> Any:
-        ct = _dtypes.compute_dtype(g.dtype, nu[0].dtype)
-        return leaf_step(cfg, s, StepContext(None, count, 0, ct, None, g, None), p, nu, mu, b)
+    """:func:`leaf_step` for ``cfg``, jitted (the flatten position, only read by random streams, static).
 
-    return jax.jit(step)
+    Compile time grows with the number of leaves; tracing each one anew was about half of
+    it. XLA inlines the calls, so the compiled step is the same. Not with stochastic
+    rounding, whose random streams depend on the leaf's position, nor for a
+    configuration holding arrays (``optax.inject_hyperparams``), which cannot be hashed.
+    """
+    return jax.jit(functools.partial(leaf_step, cfg), static_argnums=3)
 
 
 def leaf_step(
-    cfg: RmsConfig, s: Scalars, ctx: StepContext, p: Any, nu: Any, mu: Any, b: Any
+    cfg: RmsConfig, s: StepScalars, key: Any, step: jax.Array, leaf: int, g: jax.Array, p: Any, nu: Any, mu: Any, b: Any
 ) -> tuple[jax.Array, Any, Any, Any]:
-    """One leaf (its gradient in ``ctx.g``): ``(update, nu, mu, trace)``, buffers as stored pairs (None if absent)."""
-    g, ct = ctx.g, ctx.ct
+    """One leaf at flatten position ``leaf``, ``step`` updates done before: ``(update, nu, mu, trace)``.
+
+    Buffers are ``(values, aux)`` pairs as stored (None if absent).
+    """
+    ct = _dtypes.compute_dtype(g.dtype, nu[0].dtype)
     gc = _dtypes.as_compute(g, ct)
     if cfg.maximize:
         gc = -gc
-    pc = None if p is None else _dtypes.as_compute(p, ct)
+    pc: Any = None if p is None else _dtypes.as_compute(p, ct)
     coupled = s.weight_decay is not None and not cfg.decoupled_weight_decay
     if coupled:
-        assert s.weight_decay is not None and pc is not None
+        assert s.weight_decay is not None
         gc = _kernel.add_weight_decay(gc, s.weight_decay, pc)
+    ctx = StepContext(key, step, leaf, ct, s, gc, None)
     nu_codec = cfg.codec_for_stored(Buffer.NU, *nu)
     mu_codec: Any = None if mu is None else cfg.codec_for_stored(Buffer.MU, *mu)
     if isinstance(nu_codec, _codecs.Int8Codec) or isinstance(mu_codec, _codecs.Int8Codec):
         # One per-block bound of |g + wd p| for the 8-bit scales, shared by S and m.
         wd = s.weight_decay if coupled else None
-        bound = _codecs.grad_block_bound(g, cfg.block_size, p if coupled else None, wd)
-        ctx = ctx._replace(bound=bound)
-    ctx = ctx._replace(ct=ct, scalars=s.rms, g=gc)
+        ctx = ctx._replace(bound=_codecs.grad_block_bound(g, cfg.block_size, p if coupled else None, wd))
 
     if isinstance(nu_codec, _codecs.FactoredCodec):  # a different estimator of S
-        u, row, col = _factored.normalize(gc, nu[0].astype(ct), nu[1].astype(ct), s.rms, cfg.rms_options, nu_codec.top)
+        u, row, col = _factored.normalize(gc, nu[0].astype(ct), nu[1].astype(ct), s, cfg.rms_options, nu_codec.rows.top)
         nu_new, mu_new = nu_codec.encode(row, col, ctx), None
     else:
         keep_nu = nu_codec.keep(nu, ctx)
         keep_mu = None if mu is None else mu_codec.keep(mu, ctx)
         mu_c = None if mu is None else mu_codec.decode(mu, ct)
         u, nu_out, mu_out = _kernel.rms_normalize(
-            gc, nu_codec.decode(nu, ct), mu_c, s.rms, cfg.rms_options, nu_codec.top, keep_nu, keep_mu
+            gc, nu_codec.decode(nu, ct), mu_c, s, cfg.rms_options, nu_codec.top, keep_nu, keep_mu
         )
         nu_new = _stored(nu_codec, keep_nu, nu_out, nu, ctx)
         mu_new = None if mu_codec is None else _stored(mu_codec, keep_mu, mu_out, mu, ctx)
 
-    if cfg.learning_rate is None:  # scale_by_rms: the normalized gradient itself
+    if s.lr is None:  # scale_by_rms: the normalized gradient itself
         return u.astype(g.dtype), nu_new, mu_new, None
-    assert s.lr is not None
     b_new = None
     if b is None:
-        step = _kernel.scale(s.lr, u)
+        delta = _kernel.scale(s.lr, u)
     else:
-        assert s.momentum is not None
         codec = cfg.codec_for_stored(Buffer.TRACE, *b)
         keep_b = codec.keep(b, ctx)
-        step, b_out = _kernel.momentum(
-            u, codec.decode(b, ct), s.lr, s.momentum, cfg.nesterov, cfg.lr_after_momentum, keep_b
-        )
+        delta, b_out = _kernel.momentum(u, codec.decode(b, ct), s, cfg.nesterov, cfg.lr_after_momentum, keep_b)
         b_new = _stored(codec, keep_b, b_out, b, ctx)
     if s.weight_decay is not None and cfg.decoupled_weight_decay:
-        assert pc is not None
-        step = _kernel.add_weight_decay(step, s.lr * s.weight_decay, pc)
-    return (-step).astype(g.dtype), nu_new, mu_new, b_new
+        delta = _kernel.add_weight_decay(delta, s.lr * s.weight_decay, pc)
+    return (-delta).astype(g.dtype), nu_new, mu_new, b_new
 
 
 def _stored(codec: Any, keep: Any, out: Any, old: Any, ctx: StepContext) -> Any:
@@ -217,10 +195,9 @@ def transformation(cfg: RmsConfig, state_type: type) -> tuple[Callable[..., Any]
     def init_fn(params: optax.Params) -> Any:
         return state_type(**init(cfg, params))
 
-    def step(updates: Any, state: Any, params: Any, lr_t: Any, decay_t: Any) -> tuple[Any, Any]:
-        return update(cfg, updates, state, params, lr_t, decay_t)
-
-    step_fn = compiled(step, *cfg.hyperparameters())
+    step_fn = compiled(
+        functools.partial(update, cfg), cfg.learning_rate, cfg.decay, cfg.eps, cfg.momentum, cfg.weight_decay
+    )
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         del extra_args
@@ -228,8 +205,7 @@ def transformation(cfg: RmsConfig, state_type: type) -> tuple[Callable[..., Any]
         # eagerly too; the step itself is one compiled computation.
         lr = cfg.learning_rate
         lr_t = lr(state.count) if callable(lr) else None
-        if lr is None:  # scale_by_rms ignores params (they may not even be arrays)
-            params = None
-        return step_fn(updates, state, params, lr_t, cfg.decay_at(state.count))
+        params = None if lr is None else params  # scale_by_rms ignores them (they may not even be arrays)
+        return step_fn(updates, state, params, lr_t, cfg.decay(state.count) if callable(cfg.decay) else None)
 
     return init_fn, update_fn

@@ -10,7 +10,6 @@ by the configuration and the parameter tree. :func:`decode_state` returns any of
 states with plain float trees.
 """
 
-import enum
 import math
 from typing import Any, NamedTuple
 
@@ -22,14 +21,6 @@ from jax.core import Tracer
 from jax.experimental.shard_alike import shard_alike
 
 from rmsprop_jax import _dtypes, _factored, _quantize
-
-
-class Kind(enum.Enum):
-    """How one buffer of one leaf is stored."""
-
-    FLOAT = "float"  # a float array of the parameter's shape
-    INT8 = "int8"  # codes of the parameter's shape, block scales in the aux tree
-    FACTORED = "factored"  # row statistics; column statistics in the aux tree (S only)
 
 
 class StoredBuffer(NamedTuple):
@@ -55,13 +46,14 @@ def placeholder() -> jax.Array:
     return jnp.zeros((), jnp.float32)
 
 
-def leaf_kind(values: jax.Array, aux: jax.Array | None) -> Kind:
-    """How a stored leaf is stored, read off its arrays."""
-    if np.dtype(values.dtype) in (np.dtype(np.uint8), np.dtype(np.int8)):
-        return Kind.INT8
-    if aux is not None and np.ndim(aux) > 0:  # column statistics (a float leaf's placeholder is 0-d)
-        return Kind.FACTORED
-    return Kind.FLOAT
+def is_int8(values: jax.Array) -> bool:
+    """Whether a stored leaf holds 8-bit codes (its aux: the block scales)."""
+    return np.dtype(values.dtype) in (np.dtype(np.uint8), np.dtype(np.int8))
+
+
+def is_factored(values: jax.Array, aux: jax.Array | None) -> bool:
+    """Whether a stored leaf holds factored ``S``: row statistics, and column statistics in aux."""
+    return not is_int8(values) and aux is not None and np.ndim(aux) > 0  # a float leaf's placeholder is 0-d
 
 
 def leaves(buffer: Any, n: int) -> list[tuple[jax.Array, jax.Array | None]]:
@@ -75,11 +67,9 @@ def leaves(buffer: Any, n: int) -> list[tuple[jax.Array, jax.Array | None]]:
 
 def rebuild(old: Any, treedef: Any, pairs: list[tuple[jax.Array, jax.Array | None]]) -> Any:
     """The buffer field ``old`` with new ``(values, aux)`` pairs."""
-    values = jax.tree.unflatten(treedef, [v for v, _ in pairs])
     if not isinstance(old, StoredBuffer):
-        return values
-    aux = old.aux if isinstance(old.aux, optax.EmptyState) else jax.tree.unflatten(treedef, [a for _, a in pairs])
-    return old._replace(values=values, aux=aux)
+        return jax.tree.unflatten(treedef, [v for v, _ in pairs])
+    return pack(treedef, pairs, not isinstance(old.aux, optax.EmptyState), old.key)
 
 
 def values_of(buffer: Any) -> Any:
@@ -137,11 +127,10 @@ def decode_leaf(values: Any, aux: Any) -> jax.Array:
     8-bit codes decode to float32; factored statistics are reconstructed; float leaves
     are returned as they are (16-bit stays 16-bit).
     """
-    kind = leaf_kind(values, aux)
-    if kind is Kind.INT8:
+    if is_int8(values):
         fmt = _quantize.SIGNED if np.dtype(values.dtype) == np.dtype(np.int8) else _quantize.UNSIGNED
         return _quantize.dequantize(values, aux, fmt)
-    if kind is Kind.FACTORED:
+    if is_factored(values, aux):
         ct = _dtypes.compute_dtype(values.dtype)
         return _factored.reconstruct(values.astype(ct), aux.astype(ct)).astype(values.dtype)
     return values

@@ -154,5 +154,5 @@ def scale_by_rms(
       Graves, `Generating Sequences With Recurrent Neural Networks
       <https://arxiv.org/abs/1308.0850>`_, 2013.
     """
-    cfg = RmsConfig.create(**locals())  # the arguments above, every one checked there
+    cfg = RmsConfig(**locals())  # the arguments above, every one checked there
     return optax.GradientTransformation(*_step.transformation(cfg, ScaleByRmsState))

@@ -98,6 +98,29 @@ def test_construction_errors(kwargs, error, message, factory):
             rmsprop_jax.scale_by_rms(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "block_size", [256, np.int64(256), np.uint16(256), np.array(256), jnp.array(256), jnp.int16(64) * 4]
+)
+def test_integer_options_accept_every_integer_scalar(block_size):
+    """Python ints, NumPy and JAX integer scalars and 0-d arrays all give the layout of the plain int."""
+    state = rmsprop_jax.rmsprop(1e-3, state_dtype="int8", min_8bit_size=0, block_size=block_size).init(
+        {"w": jnp.ones(512)}
+    )
+    assert state.nu.aux["w"].shape == (2,)  # 512 elements in blocks of 256
+
+
+@pytest.mark.parametrize(
+    "block_size", [np.bool_(True), np.array(True), jnp.array(True), np.array([256]), jnp.array(256.0), "256", None]
+)
+def test_integer_options_refuse_other_values(block_size):
+    if block_size is None:  # the default: accepted, 256
+        state = rmsprop_jax.rmsprop(1e-3, state_dtype="int8", min_8bit_size=0).init({"w": jnp.ones(512)})
+        assert state.nu.aux["w"].shape == (2,)
+        return
+    with pytest.raises(TypeError, match=re.escape("block_size must be an int (allowed: a positive int, e.g. 256")):
+        rmsprop_jax.rmsprop(1e-3, state_dtype="int8", block_size=block_size)
+
+
 def test_bf16_decay_0999_is_allowed_with_stochastic_rounding():
     opt = rmsprop_jax.rmsprop(1e-3, 0.999, **BF16_SR)
     state = opt.init(_params())
