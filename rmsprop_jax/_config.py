@@ -48,10 +48,11 @@ class RmsConfig:
     initial_scale: Any
     centered: bool
     bias_correction: bool
-    state_dtype: Any  # then: the float dtype of the state; None for the parameters' policy and for int8
+    # The storage arguments as given; after __post_init__, normalized:
+    state_dtype: Any  # the float dtype of the state; None for the parameters' policy and for int8
     on_nonfinite: str
-    stochastic_rounding: Any  # then: a bool
-    block_size: Any  # then: an int, as min_8bit_size and rounding_seed
+    stochastic_rounding: Any  # a bool (None: on for int8)
+    block_size: Any  # ints, defaults filled in, as min_8bit_size and rounding_seed
     min_8bit_size: Any
     factored: bool
     rounding_seed: Any
