@@ -190,11 +190,11 @@ def _static_int(name: str, value: Any, low: int, allowed: str) -> int:
             f"pass static_args=({name!r},) so that it is not turned into an array."
         )
     try:
-        if isinstance(value, bool | np.bool_):
-            raise TypeError
         v = operator.index(value)  # ints, and integer scalars or 0-d arrays of NumPy and JAX
     except TypeError:
-        raise TypeError(f"{name} must be an int ({allowed}); got {value!r}.") from None
+        v = None
+    if v is None or isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be an int ({allowed}); got {value!r}.")
     if v < low:
         raise ValueError(f"{name}={v} is not allowed; {allowed}.")
     return v

@@ -74,8 +74,9 @@ def update(cfg: RmsConfig, updates: Any, state: Any, params: Any, lr_t: Any, dec
 
     key = state.nu.key if isinstance(state.nu, _storage.StoredBuffer) else None
     step = functools.partial(leaf_step, cfg)
-    with contextlib.suppress(TypeError):  # unhashable: array-valued hyperparameters (optax.inject_hyperparams)
-        step = step if cfg.stochastic_rounding else _jitted_leaf_step(cfg)  # equal leaves then traced once
+    if not cfg.stochastic_rounding:  # jitted: equal leaves are then traced once
+        with contextlib.suppress(TypeError):  # unhashable: array-valued hyperparameters (optax.inject_hyperparams)
+            step = _jitted_leaf_step(cfg)
     outs = []
     for i, (g, p, nu, mu, b) in enumerate(zip(gs, ps, nus, mus, bufs, strict=True)):
         s = scalars(_dtypes.compute_dtype(g.dtype, nu[0].dtype))
