@@ -15,11 +15,12 @@ they would cost, with eps inside the root on every side (optax's default math):
   the exact value), over four regimes and three decays, and the share of elements whose
   bits differ from the library's.
 
-Forms: ``optax`` (``(1 - rho) g^2 + rho S`` and ``g / sqrt(S + eps)``, which XLA:CPU
-rewrites into ``g * rsqrt(S + eps)`` with an approximate reciprocal square root);
+Forms: ``optax`` (``(1 - rho) g^2 + rho S`` and ``g / sqrt(S + eps)``, which XLA's
+algebraic simplifier turns into ``g * rsqrt(S + eps)``, what optax writes, computed by
+XLA:CPU with an approximate reciprocal square root);
 ``ours`` (the library's arithmetic, checked here to equal ``rmsprop_jax.rmsprop`` bit for
-bit); ``lean`` (bitwise equal to ``ours``, with ``minimum`` and a select around the root
-bound instead of a maximum: fewer instructions, but XLA then no longer fuses a packed flat
+bit); ``lean`` (bitwise equal to ``ours``, with a select around the root bound instead of
+a maximum: fewer instructions, but XLA then no longer fuses a packed flat
 step into one loop); ``weighted`` (``S = rho S + ((1 - rho) g) g``, saturated, which needs
 no second evaluation where ``g^2`` overflows); ``unconditional`` (``weighted`` with the
 root bounded below by ``sqrt(1 - rho) |g|`` everywhere, which drops the select). The compile
@@ -63,7 +64,7 @@ def ours_form(g: jax.Array, nu: jax.Array, decay: float, eps: float) -> tuple[ja
     d, omd, e, c, top = _constants(decay, eps)
     raw = d * nu + omd * (g * g)
     alt = d * nu + (omd * g) * g
-    s = jnp.where(raw <= top, raw, jnp.where(alt > top, top, alt))
+    s = jnp.where(raw <= top, raw, jnp.minimum(alt, top))
     den = jnp.maximum(jnp.sqrt(s + e), jnp.where(s >= top, c * jnp.abs(g), jnp.zeros_like(g)))
     return s, den, g / den
 

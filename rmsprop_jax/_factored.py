@@ -83,9 +83,9 @@ def reconstruct(row: jax.Array, col: jax.Array) -> jax.Array:
     mean = _mean(row, -1, keepdims=True)
     positive = mean > 0
     # XLA may divide by multiplying with the reciprocal, which flushes to 0 above 2**126: pre-scale.
-    pre = jnp.where(mean > 2.0**64, jnp.asarray(2.0**-64, mean.dtype), jnp.asarray(1.0, mean.dtype))
-    safe_mean = jnp.where(positive, mean * pre, jnp.ones_like(mean))
-    ratio = jnp.where(positive, (row * pre) / safe_mean, jnp.zeros_like(row))
+    pre = _kernel.where(mean > 2.0**64, jnp.asarray(2.0**-64, mean.dtype), jnp.asarray(1.0, mean.dtype))
+    safe_mean = _kernel.where(positive, mean * pre, jnp.ones_like(mean))
+    ratio = _kernel.where(positive, (row * pre) / safe_mean, jnp.zeros_like(row))
     return ratio[..., :, None] * col[..., None, :]
 
 
@@ -120,7 +120,7 @@ def normalize(
     top = jnp.asarray(s_max, row.dtype)
 
     def at_most(x: jax.Array) -> jax.Array:
-        return jnp.where(x > top, top, x)
+        return _kernel.where(x > top, top, x)
 
     def mean_g2(x: jax.Array, axis: int) -> jax.Array:
         # A plain square inside the sum (XLA:CPU materializes |g|^2 for anything more); an
@@ -141,5 +141,5 @@ def normalize(
     den = _kernel.denominator(v, scalars.eps, opts.eps_in_sqrt)
     u = jax.lax.complex(g.real / den, g.imag / den) if jnp.iscomplexobj(g) else g / den
     if opts.eps_may_be_zero:
-        u = jnp.where(g == 0, jnp.zeros_like(u), u)
+        u = _kernel.where(g == 0, jnp.zeros_like(u), u)
     return u, row_new, col_new

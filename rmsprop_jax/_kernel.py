@@ -74,6 +74,11 @@ class StepScalars(NamedTuple):
     one_minus_decay: jax.Array
     eps: jax.Array
     debias: jax.Array | None  # 1 - decay**t, when bias correction is on
+    # The coefficients of the root's lower bound (:func:`_lower_bound`), computed once for all leaves
+    # (each leaf's step would otherwise hold its own scalar instructions); p = (1 - decay) / b is
+    # the weight of g_t in S_t / b, with b the debias or 1.
+    root_bound: jax.Array  # sqrt(p)
+    centered_bound: jax.Array  # sqrt(p / (1 - p)) / b; 0 where p = 1 (a first debiased step)
     lr: Any = None  # rmsprop's own (None for scale_by_rms), and None when the option is off
     momentum: Any = None
     weight_decay: Any = None
@@ -84,10 +89,14 @@ def step_scalars(
 ) -> StepScalars:
     """The scalars in ``dtype``: ``decay`` is its value at this step, ``new_count`` the steps done after it,
     ``descent`` the learning rate, momentum and weight decay (each None where absent)."""
-    d = scalar(decay, dtype)
+    d, omd = scalar(decay, dtype), one_minus(decay, dtype)
     debias = 1 - d ** new_count.astype(dtype) if bias_correction else None
-    rest = (None if x is None else scalar(x, dtype) for x in descent)
-    return StepScalars(d, one_minus(decay, dtype), scalar(eps, dtype), debias, *rest)
+    p = omd if debias is None else omd / debias
+    rest = d if debias is None else debias - omd  # b (1 - p); 0 on a first debiased step, where v_1 = 0
+    k = where(rest > 0, jnp.sqrt(omd / where(rest > 0, rest, 1)), 0)
+    bounds = jnp.sqrt(p), k if debias is None else k / debias
+    descent_scalars = (None if x is None else scalar(x, dtype) for x in descent)
+    return StepScalars(d, omd, scalar(eps, dtype), debias, *bounds, *descent_scalars)
 
 
 class RmsOptions(NamedTuple):
@@ -127,11 +136,24 @@ def _weighted_abs_sq(w: jax.Array, x: jax.Array) -> jax.Array:
     return (w * x) * x
 
 
+def where(c: jax.Array, x: Any, y: Any) -> jax.Array:
+    """``jnp.where(c, x, y)`` for a boolean ``c``, traced inline: ``jnp.where`` is a ``jit`` of its
+    own, a call XLA must inline once per use per leaf (a few percent of a tree step's compile time)."""
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    dtype = jnp.result_type(x, y)
+    x, y = x.astype(dtype), y.astype(dtype)
+    if jnp.ndim(c) == 0:  # select takes a scalar condition as is
+        x, y = jnp.broadcast_arrays(x, y)
+    else:
+        c, x, y = jnp.broadcast_arrays(c, x, y)
+    return jax.lax.select(c, x, y)
+
+
 def at_most(x: jax.Array, top: Any) -> jax.Array:
     """``min(x, top)``, nan kept. Written as a select: XLA:CPU then materializes the new
     state once and the update reads it, instead of recomputing it from the old state
     (which, with donated buffers, costs a copy of the state)."""
-    return jnp.where(x > top, top, x)
+    return where(x > top, top, x)
 
 
 def rms_normalize(
@@ -178,20 +200,24 @@ def rms_normalize(
         return jnp.asarray(x, ct)
 
     top = const(nu_max)
-    nu_raw = d * nu + omd * abs_sq(g)
+    decayed = d * nu
+    nu_raw = decayed + omd * abs_sq(g)
     # Where that overflowed (or is nan: (1 - rho) * inf at rho = 1), redo it with
-    # (1 - rho) applied before the second factor of g, and saturate: never inf.
-    nu_new = jnp.where(nu_raw <= top, nu_raw, at_most(d * nu + _weighted_abs_sq(omd, g), top))
+    # (1 - rho) applied before the second factor of g, and saturate (XLA's minimum keeps
+    # nan, as at_most does, in one instruction): never inf.
+    nu_new = where(nu_raw <= top, nu_raw, jnp.minimum(decayed + _weighted_abs_sq(omd, g), top))
+    saturated = nu_new >= top
     mu_new = None
     if mu is not None:  # centered
         mu_new = scale(d, mu) + scale(omd, g)
         # Where S saturated, scale m down by a power of two so that |m|^2 <= S keeps
         # holding: the mean is forgotten, the state stays consistent (never S < |m|^2,
         # which would give a zero variance and the step g / eps).
-        mu_new = jnp.where(nu_new >= top, scale(const(_shrink(ct, nu_max)), mu_new), mu_new)
+        mu_new = where(saturated, scale(const(_shrink(ct, nu_max)), mu_new), mu_new)
     nu_out, mu_out = nu_new, mu_new
     if store_nu is not None:
         nu_out, nu_new = store_nu(nu_new)
+        saturated = nu_new >= top
     if store_mu is not None and mu_new is not None:
         mu_out, mu_new = store_mu(mu_new)
 
@@ -205,7 +231,7 @@ def rms_normalize(
     # Where the stored S saturated (or S / (1 - rho^t) would overflow) ...
     special = None  # None: everywhere (a rounded S may fall below the bound at any element)
     if store_nu is None:
-        special = nu_new >= (top if b is None else top * b)
+        special = saturated if b is None else nu_new >= top * b
         eps_bound, s_floor = _small_limits(opts.eps_in_sqrt, ct)
         if opts.eps is None or opts.eps < eps_bound:
             # ... or underflowed, and eps is too small to make that irrelevant ...
@@ -215,18 +241,18 @@ def rms_normalize(
             special = special | under
     # ... the root is the larger of the value from the stored state, in a form that
     # cannot overflow, and a lower bound of the true one computed from g (no square).
-    bound = _lower_bound(g, mu_new, s, nu_new >= top, nu_max)
+    bound = _lower_bound(g, mu_new, s, saturated, nu_max)
     if b is None:
         if special is None:  # lossy storage: the bound applies everywhere
             # max(den, bound) with den's NaN kept, as a select instead of XLA's NaN-propagating
             # maximum: half the instructions on x86, for the compute-bound 8-bit step (the float
             # paths keep the maximum, with which XLA fuses a packed flat step into one loop). A
             # NaN bound comes only from a NaN g, whose step is NaN anyway.
-            den = jnp.where(bound > den, bound, den)
+            den = where(bound > den, bound, den)
         else:
             # max(den, bound or 0) equals where(special, max(den, bound), den) for den, bound >= 0,
             # and reads den once: XLA then fuses S and the step into one loop (see _flat_mode.py).
-            den = jnp.maximum(den, jnp.where(special, bound, jnp.zeros_like(bound)))
+            den = jnp.maximum(den, where(special, bound, jnp.zeros_like(bound)))
     else:
         x = nu_new
         if mu_new is not None:
@@ -235,11 +261,11 @@ def rms_normalize(
         safe = jnp.maximum(
             root(x, s.eps * b if opts.eps_in_sqrt else s.eps, opts.eps_in_sqrt) * jax.lax.rsqrt(b), bound
         )
-        den = safe if special is None else jnp.where(special, safe, den)
+        den = safe if special is None else where(special, safe, den)
     u = divide(g, add_eps(den, s.eps, opts.eps_in_sqrt))
     if opts.eps_may_be_zero:
         # With eps = 0 a zero gradient on a zero average is 0/0; define its step as 0.
-        u = jnp.where(g == 0, jnp.zeros_like(u), u)
+        u = where(g == 0, jnp.zeros_like(u), u)
     return u, nu_out, mu_out
 
 
@@ -317,15 +343,14 @@ def _lower_bound(
       is West's update ``v_t = rho v_{t-1} + rho (1 - rho) |g_t - m_{t-1}|^2`` (any
       ``S_0 >= 0``); with it, ``v_t`` is the variance of a mixture that puts weight ``p``
       on ``g_t``. Where ``S`` saturated, ``m_t`` is recovered from the scaled stored value.
+
+    The square roots of those coefficients come from ``s`` (:func:`step_scalars`).
     """
-    d, omd, b = s.decay, s.one_minus_decay, s.debias
+    b = s.debias
     if mu_new is None:
-        p = omd if b is None else omd / b
-        return jnp.sqrt(p) * jnp.abs(g)
-    ct = np.dtype(d.dtype)
-    m = jnp.where(saturated, scale(jnp.asarray(1 / _shrink(ct, nu_max), ct), mu_new), mu_new)
-    rest = d if b is None else b - omd  # b (1 - p); 0 on a first debiased step, where v_1 = 0
-    k = jnp.where(rest > 0, jnp.sqrt(omd / jnp.where(rest > 0, rest, 1)), 0)
+        return s.root_bound * jnp.abs(g)
+    ct = np.dtype(s.decay.dtype)
+    m = where(saturated, scale(jnp.asarray(1 / _shrink(ct, nu_max), ct), mu_new), mu_new)
     if b is None:
-        return k * jnp.abs(g - m)
-    return k / b * jnp.abs(scale(b, g) - m)  # |g - m / b| without an overflowing m / b
+        return s.centered_bound * jnp.abs(g - m)
+    return s.centered_bound * jnp.abs(scale(b, g) - m)  # |g - m / b| without an overflowing m / b

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rmsprop_jax import _kernel
+
 
 MODES = ("propagate", "skip", "zero")
 
@@ -63,7 +65,7 @@ def screen(mode: str, grads: Sequence[jax.Array]) -> tuple[list[jax.Array], jax.
     for f in finite:
         all_finite = all_finite & jnp.all(f)
     if mode == "zero":
-        grads = [jnp.where(f, g, jnp.zeros_like(g)) for f, g in zip(finite, grads, strict=True)]
+        grads = [_kernel.where(f, g, jnp.zeros_like(g)) for f, g in zip(finite, grads, strict=True)]
     return grads, all_finite
 
 
@@ -71,7 +73,7 @@ def next_count(mode: str, count: Any, all_finite: jax.Array | None) -> Any:
     if mode == "propagate":
         return count
     assert all_finite is not None
-    return jnp.where(all_finite, count, optax.safe_increment(count))
+    return _kernel.where(all_finite, count, optax.safe_increment(count))
 
 
 def skip_updates(mode: str, all_finite: jax.Array | None, updates: Any) -> Any:
@@ -79,7 +81,7 @@ def skip_updates(mode: str, all_finite: jax.Array | None, updates: Any) -> Any:
     if mode != "skip":
         return updates
     assert all_finite is not None
-    return jax.tree.map(lambda u: jnp.where(all_finite, u, -jnp.zeros_like(u)), updates)
+    return jax.tree.map(lambda u: _kernel.where(all_finite, u, -jnp.zeros_like(u)), updates)
 
 
 def skip_state(mode: str, all_finite: jax.Array | None, new: Any, old: Any) -> Any:
@@ -87,4 +89,4 @@ def skip_state(mode: str, all_finite: jax.Array | None, new: Any, old: Any) -> A
     if mode != "skip":
         return new
     assert all_finite is not None
-    return jax.tree.map(lambda n, o: jnp.where(all_finite, n, o), new, old)
+    return jax.tree.map(lambda n, o: _kernel.where(all_finite, n, o), new, old)

@@ -72,7 +72,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsprop_jax import _stochastic_rounding
+from rmsprop_jax import _kernel, _stochastic_rounding
 
 
 TOP = 1.9375  # the largest code value: 2**0 * (1 + 15/16)
@@ -271,10 +271,10 @@ def decode_codes(codes: jax.Array, fmt: Format, m: jax.Array | _Params | None = 
     min_normal = jnp.asarray(k.min_normal, jnp.float32)
     pattern = (mag + _as_u32(k.offset)) << (_as_u32(k.shift) & _u32(31))
     small = pattern < _pattern(k.min_normal)
-    pattern = jnp.where(small, pattern + _u32(1 << 23), pattern)
-    value = jax.lax.bitcast_convert_type(pattern, jnp.float32) - jnp.where(small, min_normal, jnp.float32(0))
+    pattern = _kernel.where(small, pattern + _u32(1 << 23), pattern)
+    value = jax.lax.bitcast_convert_type(pattern, jnp.float32) - _kernel.where(small, min_normal, jnp.float32(0))
     if fmt.signed:
-        value = jnp.where(c < 0, -value, value)
+        value = _kernel.where(c < 0, -value, value)
     return value
 
 
@@ -307,13 +307,13 @@ def encode_values(
     mag = x if m is not None else jnp.abs(x)
     min_normal = jnp.asarray(k.min_normal, jnp.float32)
     small = mag < min_normal
-    raw = jax.lax.bitcast_convert_type(jnp.where(small, mag + min_normal, mag), jnp.uint32)
+    raw = jax.lax.bitcast_convert_type(_kernel.where(small, mag + min_normal, mag), jnp.uint32)
     r = (_u32(1) << ((shift - _u32(1)) & _u32(31))) if bits is None else bits >> ((_u32(32) - shift) & _u32(31))
-    code = (raw + r - jnp.where(small, _pattern(k.min_normal), _pattern(k.base))) >> shift
+    code = (raw + r - _kernel.where(small, _pattern(k.min_normal), _pattern(k.base))) >> shift
     code = jnp.minimum(code, _u32(k.max_code))
     if fmt.signed:
         signed = code.astype(jnp.int32)
-        return jnp.where(x < 0, -signed, signed).astype(jnp.int8)
+        return _kernel.where(x < 0, -signed, signed).astype(jnp.int8)
     positive = mag > 0 if positive is None else positive
     # Never zero for a positive value. The last operation is a maximum of two uint8 arrays,
     # which XLA does not recompute in other consumers of the codes (it would, and then read
@@ -420,7 +420,7 @@ def split_scales(scales: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Unsigned blocks' stored scales -> ``(A, m)``: the scale and the width (4 where the scale is positive)."""
     raw = jax.lax.bitcast_convert_type(scales, jnp.uint32)
     narrow = (raw >> _u32(31)) == _u32(1)
-    return jnp.abs(scales), jnp.where(narrow, _u32(4) + (raw & _u32(3)), _u32(4))
+    return jnp.abs(scales), _kernel.where(narrow, _u32(4) + (raw & _u32(3)), _u32(4))
 
 
 def choose_widths(scale: jax.Array, lower: jax.Array) -> jax.Array:
@@ -435,7 +435,7 @@ def choose_widths(scale: jax.Array, lower: jax.Array) -> jax.Array:
     for width in WIDTHS[1:]:
         bias = 2 ** (8 - width) - 1
         fits = lower * jnp.float32(2.0 - 2.0**-width) >= scale * jnp.float32(2.0 ** (1 - bias))
-        m = jnp.where(usable & fits, _u32(width), m)
+        m = _kernel.where(usable & fits, _u32(width), m)
     return m
 
 
@@ -443,7 +443,7 @@ def _store_widths(scale: jax.Array, m: jax.Array) -> jax.Array:
     """The stored scales: ``A`` where ``m = 4``, else ``-A`` with ``m - 4`` in the two lowest bits."""
     raw = jax.lax.bitcast_convert_type(scale, jnp.uint32)
     marked = jax.lax.bitcast_convert_type((raw & _u32(~3)) | (m - _u32(4)), jnp.float32)
-    return jnp.where(m > _u32(4), -marked, scale)
+    return _kernel.where(m > _u32(4), -marked, scale)
 
 
 def quantize(
@@ -510,7 +510,7 @@ def quantize(
     if fmt.signed:
         a = scale
         # TOP / scale is subnormal (flushed to 0 by XLA) for scale > 1.6e38: pre-scale such blocks by 2**-64.
-        pre = jnp.where(a > jnp.float32(2.0**64), jnp.float32(2.0**-64), jnp.float32(1.0))
+        pre = _kernel.where(a > jnp.float32(2.0**64), jnp.float32(2.0**-64), jnp.float32(1.0))
         inv = _top(fmt, m) / jnp.maximum(a * pre, _tiny())
         codes = encode_values((xf * _expand(pre, n)) * _expand(inv, n), fmt, bits)
         return codes, scale
@@ -608,7 +608,7 @@ def _per_width(m: jax.Array, value: Any) -> jax.Array:
     """``value(width)`` (a Python float per width) for each block's width, as float32 constants."""
     out = jnp.full(m.shape, value(WIDTHS[0]), jnp.float32)
     for width in WIDTHS[1:]:
-        out = jnp.where(m == _u32(width), jnp.float32(value(width)), out)
+        out = _kernel.where(m == _u32(width), jnp.float32(value(width)), out)
     return out
 
 
@@ -626,7 +626,7 @@ def _factor(scales: jax.Array, fmt: Format, m: jax.Array | None = None) -> jax.A
     top = _top(fmt, m)
     factor = scales * (jnp.float32(1 / fmt.top) if m is None else _per_width(m, lambda w: 1 / (2.0 - 2.0**-w)))
     too_big = factor * top > scales
-    return jnp.where(too_big, jnp.nextafter(factor, jnp.float32(0)), factor)
+    return _kernel.where(too_big, jnp.nextafter(factor, jnp.float32(0)), factor)
 
 
 def state_bytes(shape: tuple[int, ...], block_size: int) -> int:

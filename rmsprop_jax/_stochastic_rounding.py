@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmsprop_jax import _kernel
+
 
 KEY_SHAPE = (2,)
 KEY_DTYPE = np.dtype(np.uint32)
@@ -149,13 +151,13 @@ def _round_generic(x: jax.Array, dtype: np.dtype, bits: jax.Array) -> jax.Array:
     up = jnp.nextafter(nearest, jnp.asarray(np.inf, dtype))
     down = jnp.nextafter(nearest, jnp.asarray(-np.inf, dtype))
     n_wide = nearest.astype(wide)
-    lo = jnp.where(n_wide <= x, nearest, down)
-    hi = jnp.where(n_wide <= x, up, nearest)
+    lo = _kernel.where(n_wide <= x, nearest, down)
+    hi = _kernel.where(n_wide <= x, up, nearest)
     lo_w, hi_w = lo.astype(wide), hi.astype(wide)
     gap = hi_w - lo_w
-    frac = jnp.where(gap > 0, (x - lo_w) / jnp.where(gap > 0, gap, jnp.ones_like(gap)), jnp.zeros_like(gap))
+    frac = _kernel.where(gap > 0, (x - lo_w) / _kernel.where(gap > 0, gap, jnp.ones_like(gap)), jnp.zeros_like(gap))
     # 24 random bits give a uniform in [0, 1) with gaps of 2**-24, finer than any float16 fraction.
     u = (bits >> _u32(8)).astype(wide) * jnp.asarray(2.0**-24, wide)
-    y = jnp.where(u < frac, hi, lo)
-    y = jnp.where(n_wide == x, nearest, y)  # exactly representable (also 0, inf): unchanged
-    return jnp.where(jnp.isnan(x), nearest, y)
+    y = _kernel.where(u < frac, hi, lo)
+    y = _kernel.where(n_wide == x, nearest, y)  # exactly representable (also 0, inf): unchanged
+    return _kernel.where(jnp.isnan(x), nearest, y)
