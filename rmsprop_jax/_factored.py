@@ -119,14 +119,11 @@ def normalize(
     """
     top = jnp.asarray(s_max, row.dtype)
 
-    def at_most(x: jax.Array) -> jax.Array:
-        return _kernel.where(x > top, top, x)
-
     def mean_g2(x: jax.Array, axis: int) -> jax.Array:
         # A plain square inside the sum (XLA:CPU materializes |g|^2 for anything more); an
         # overflowed sum saturates afterwards.
         sq = x.real * x.real + x.imag * x.imag if jnp.iscomplexobj(x) else x * x
-        return at_most(jnp.sum(sq, axis=axis) * jnp.asarray(1.0 / max(x.shape[axis], 1), top.dtype))
+        return _kernel.at_most(jnp.sum(sq, axis=axis) * jnp.asarray(1.0 / max(x.shape[axis], 1), top.dtype), top)
 
     # The barrier keeps the two means apart: sharing one |g|^2, XLA:CPU would materialize
     # it and the step would take five times longer.
@@ -134,8 +131,8 @@ def normalize(
     row_mean, g_again = jax.lax.optimization_barrier((row_mean, g))
     col_mean = mean_g2(g_again, -2)
     d, omd = scalars.decay, scalars.one_minus_decay
-    row_new, col_new = at_most(d * row + omd * row_mean), at_most(d * col + omd * col_mean)
-    v = at_most(reconstruct(row_new, col_new))
+    row_new, col_new = _kernel.at_most(d * row + omd * row_mean, top), _kernel.at_most(d * col + omd * col_mean, top)
+    v = _kernel.at_most(reconstruct(row_new, col_new), top)
     if scalars.debias is not None:
         v = v / scalars.debias
     den = _kernel.denominator(v, scalars.eps, opts.eps_in_sqrt)
