@@ -119,7 +119,7 @@ def _optimizers(args: argparse.Namespace) -> list[Spec]:
     rmsprop_jax.rmsprop(args.lr_min, decay=decay)  # validates the decay now, with a concrete rate
 
     def diagnose(state: Any, lr: Any) -> Any:
-        d = rmsprop_jax.effective_learning_rate(state, lr, decay=decay)
+        d = rmsprop_jax.effective_learning_rate(state, rmsprop_jax.rmsprop(lr, decay=decay))
         return d.min, d.median, d.max
 
     return [
