@@ -274,7 +274,7 @@ def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     lines.append(
         f"Measured {meta['date']} on {meta['cpu']} ({meta['cpu_count']} cores, {meta['jax_backend']}),"
-        f" JAX {meta['jax']}; load average {meta['loadavg_start']} at the start. No GPU was lent to this run."
+        f" JAX {meta['jax']}; load average {meta['loadavg_start']} at the start."
     )
     for d in results.get("digits", []):
         lines += ["", f"**{d['title']}**, {d['epochs']} epochs, 3 seeds (mean; worst seed in brackets):", ""]

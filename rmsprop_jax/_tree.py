@@ -1,4 +1,4 @@
-"""Pytree helpers: building state like params, and matching grads against state."""
+"""Pytree utilities: building state like params, and matching grads against state."""
 
 from typing import Any
 
