@@ -134,6 +134,10 @@ class RmsConfig:
     def codec_for_param(self, buffer: Buffer, param: Any, path: Any) -> Any:
         """The codec of ``buffer`` for a parameter (array or shape struct) at ``path``, at init."""
         shape, dtype = tuple(np.shape(param)), _tree.leaf_dtype(param)
+        if not _dtypes.is_float_dtype(dtype):
+            # An integer or boolean leaf (a step counter in an Equinox model): optax keeps a state for
+            # it too. It gets no gradient (None) from jax.grad or eqx.filter_grad, so it never steps.
+            return self._float(buffer, np.dtype(np.float32))
         if self.int8 and len(shape) >= 1 and math.prod(shape) >= max(self.min_8bit_size, 1):
             if buffer is not Buffer.NU and np.dtype(dtype).kind == "c":
                 raise TypeError(

@@ -33,7 +33,6 @@ _NO_PARAMS = (
 
 def init(cfg: RmsConfig, params: Any) -> dict[str, Any]:
     """The fields of a fresh state (``trace`` for rmsprop only; buffers absent from the config are empty)."""
-    _tree.check_params(params)
     fields = {
         "count": jnp.zeros([], jnp.int32),
         "nu": cfg.init_buffer(Buffer.NU, params, cfg.initial_scale),
@@ -121,8 +120,11 @@ def _checked_leaves(
     paths = [path for path, _ in _tree.leaves_with_paths(values)[0]]
     out = []
     for j, (path, x, ref, kind) in enumerate(zip(paths, leaves, refs, kinds, strict=True)):
+        if needed is not None and not needed[j]:  # no gradient: the parameter is not read
+            out.append(None)
+            continue
         if x is None:
-            if needed is not None and needed[j]:
+            if needed is not None:
                 raise ValueError(
                     f"{name}{_tree.path_str(path)} is None but its gradient is not; weight decay needs the "
                     "parameter of every leaf that has a gradient."

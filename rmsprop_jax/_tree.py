@@ -19,19 +19,6 @@ def path_str(path: Any) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
-def check_params(params: Any) -> None:
-    """Raises TypeError for a parameter leaf that is not floating point or complex."""
-    for path, leaf in leaves_with_paths(params)[0]:
-        dtype = leaf_dtype(leaf)
-        if not _dtypes.is_float_dtype(dtype):
-            raise TypeError(
-                f"params{path_str(path)} has dtype {np.dtype(dtype).name}; RMSprop "
-                "needs floating-point or complex parameters. Leave integer and boolean "
-                "leaves out of the optimized tree (e.g. with optax.masked or "
-                "optax.set_to_zero via optax.multi_transform)."
-            )
-
-
 def leaf_dtype(leaf: Any) -> np.dtype:
     """The dtype of an array, a ``jax.ShapeDtypeStruct`` or a Python scalar."""
     dtype = getattr(leaf, "dtype", None)

@@ -2,6 +2,7 @@
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,12 +61,19 @@ def test_scale_by_rms_construction_errors(kwargs, message):
         rmsprop_jax.scale_by_rms(**kwargs)
 
 
-def test_integer_params_are_rejected_at_init():
-    opt = rmsprop_jax.rmsprop(1e-3)
-    with pytest.raises(TypeError, match=re.escape("params['layer']['step'] has dtype int32")):
-        opt.init({"layer": {"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32)}})
-    with pytest.raises(TypeError, match=re.escape("params[1] has dtype bool")):
-        opt.init([jnp.ones(2), jnp.ones(2, bool)])
+def test_integer_and_boolean_params_are_kept_like_optax_keeps_them():
+    # eqx.filter(model, eqx.is_array) keeps integer arrays; their gradients come back None.
+    params = {"layer": {"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32), "mask": jnp.ones(2, bool)}}
+    grads = {"layer": {"w": jnp.full(3, 2.0), "step": None, "mask": None}}
+    for opt, reference in (
+        (rmsprop_jax.presets.optax(1e-3, momentum=0.9), optax.rmsprop(1e-3, momentum=0.9)),
+        (rmsprop_jax.rmsprop(1e-3, weight_decay=0.1), None),
+    ):
+        updates, _ = opt.update(grads, opt.init(params), params)
+        assert updates["layer"]["step"] is None and updates["layer"]["mask"] is None
+        if reference is not None:
+            want, _ = reference.update(grads, reference.init(params), params)
+            chex.assert_trees_all_close(updates, want, rtol=1e-6)
 
 
 def test_complex_params_with_16bit_state_are_rejected():
