@@ -1,12 +1,12 @@
 """``rmsprop``: the complete optimizer, every convention an option."""
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.typing
 import optax
 
-from rmsprop_jax import _step
+from rmsprop_jax import _step, _validation
 from rmsprop_jax._config import RmsConfig
 
 
@@ -32,6 +32,7 @@ class RmspropState(NamedTuple):
     nonfinite_count: Any = optax.EmptyState()
 
 
+@_validation.framework_names
 def rmsprop(
     learning_rate: optax.ScalarOrSchedule,
     decay: jax.typing.ArrayLike | optax.Schedule = 0.9,
@@ -47,8 +48,8 @@ def rmsprop(
     weight_decay: jax.typing.ArrayLike = 0.0,
     decoupled_weight_decay: bool = False,
     maximize: bool = False,
-    state_dtype: Any = None,
-    on_nonfinite: str = "propagate",
+    state_dtype: str | jax.typing.DTypeLike | None = None,
+    on_nonfinite: Literal["propagate", "skip", "zero"] = "propagate",
     stochastic_rounding: bool | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,

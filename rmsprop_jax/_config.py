@@ -10,6 +10,7 @@ import math
 import operator
 from typing import Any
 
+import jax
 import numpy as np
 from jax.core import Tracer
 
@@ -211,7 +212,13 @@ def _int8_option(cfg: RmsConfig, name: str, int8: bool, low: int, allowed: str) 
 
 
 def _parse_state_dtype(state_dtype: Any) -> tuple[bool, np.dtype | None]:
-    """``(is_int8, float_dtype)`` for the ``state_dtype`` argument; raises a ValueError for others."""
+    """``(is_int8, float_dtype)`` for the ``state_dtype`` argument; raises a ValueError for others.
+
+    An array stands for its dtype: ``optax.inject_hyperparams`` takes a dtype class such as
+    ``jnp.bfloat16`` for a schedule and hands over ``jnp.bfloat16(count)``.
+    """
+    if isinstance(state_dtype, jax.Array | np.ndarray | np.generic):
+        state_dtype = state_dtype.dtype  # read explicitly: np.dtype(array) is deprecated in JAX
     try:
         if state_dtype is not None and (
             state_dtype == _INT8 if isinstance(state_dtype, str) else np.dtype(state_dtype) == np.int8
@@ -221,8 +228,8 @@ def _parse_state_dtype(state_dtype: Any) -> tuple[bool, np.dtype | None]:
     except (TypeError, ValueError):  # np.dtype's TypeError for non-dtypes; canonical_state_dtype's ValueError
         raise ValueError(
             f"state_dtype={state_dtype!r} is not supported; allowed: None (float32 for 16-bit parameters, the "
-            "parameter's own precision otherwise), 'float16', 'bfloat16', 'float32', 'float64', or 'int8' "
-            "(8-bit block-wise codes with one float32 scale per block)."
+            "parameter's own precision otherwise), 'float16', 'bfloat16', 'float32', 'float64' (as strings or "
+            "dtypes such as jnp.bfloat16), or 'int8' (8-bit block-wise codes with one float32 scale per block)."
         ) from None
 
 
@@ -266,15 +273,17 @@ def _check_second_moment(cfg: RmsConfig) -> None:
 
 
 def _check_zero_eps(cfg: RmsConfig) -> None:
-    """eps = 0 is allowed where the update is finite; these settings divide by 0 for sure."""
+    """Settings whose every step divides by 0 or by eps alone: a constant S of 0, and eps = 0 where S - m^2 is 0."""
     e, d, s0 = (_known(x) for x in (cfg.eps, cfg.decay, cfg.initial_scale))
-    if e != 0.0:
-        return
     if d == 1.0 and s0 == 0.0:
         raise ValueError(
-            "eps=0.0 with decay=1.0 and initial_scale=0.0: S stays 0 forever, so every nonzero "
-            "gradient would be divided by 0. Allowed: eps > 0, decay < 1 or initial_scale > 0."
+            f"decay=1.0 with initial_scale=0.0: S_t = S_(t-1) + 0 * g^2 stays 0 forever, so every update would "
+            f"divide the gradient by eps={_validation.describe(cfg.eps)} alone. Allowed: decay in [0, 1), or "
+            "decay=1.0 with initial_scale > 0 (S then stays initial_scale: gradient descent with the rate "
+            "divided by its root)."
         )
+    if e != 0.0:
+        return
     if cfg.centered and (cfg.bias_correction or d == 0.0):
         why = "bias_correction=True" if cfg.bias_correction else "decay=0.0"
         raise ValueError(

@@ -1,6 +1,7 @@
 r"""Diagnostics: the per-element learning rate RMSprop applies, and its summary per leaf."""
 
 import functools
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -9,8 +10,9 @@ import jax.typing
 import numpy as np
 import optax
 
-from rmsprop_jax import _dtypes, _kernel, _storage, _validation
+from rmsprop_jax import _dtypes, _kernel, _step, _storage, _validation
 from rmsprop_jax._alias import RmspropState
+from rmsprop_jax._config import RmsConfig
 from rmsprop_jax._transform import ScaleByRmsState
 
 
@@ -39,8 +41,8 @@ def _is_rms_state(x: Any) -> bool:
     return isinstance(x, _RMS_STATES)
 
 
-def _find_rms_state(state: Any) -> RmspropState | ScaleByRmsState:
-    """The single ``RmspropState`` / ``ScaleByRmsState`` inside ``state``, or raises."""
+def _find_rms_state(state: Any, state_type: type) -> RmspropState | ScaleByRmsState:
+    """The single ``state_type`` inside ``state``, or raises."""
     flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_rms_state)
     found = [(path, node) for path, node in flat if _is_rms_state(node)]
     if not found:
@@ -48,12 +50,50 @@ def _find_rms_state(state: Any) -> RmspropState | ScaleByRmsState:
             f"state must be, or contain, the state of rmsprop_jax.rmsprop or rmsprop_jax.scale_by_rms "
             f"(an RmspropState or ScaleByRmsState); got a {type(state).__name__} holding none."
         )
-    if len(found) > 1:
-        paths = ", ".join("state" + jax.tree_util.keystr(path) for path, _ in found)
-        raise ValueError(
-            f"state holds {len(found)} RMSprop states ({paths}); pass the one you mean, e.g. {paths.split(', ')[0]}."
+    mine = [(path, node) for path, node in found if isinstance(node, state_type)]
+    if not mine:
+        raise TypeError(
+            f"the optimizer makes a {state_type.__name__}, but state holds only "
+            f"{', '.join(type(node).__name__ for _, node in found)}; pass the state this optimizer made."
         )
-    return found[0][1]
+    if len(mine) > 1:
+        paths = ", ".join("state" + jax.tree_util.keystr(path) for path, _ in mine)
+        raise ValueError(
+            f"state holds {len(mine)} {state_type.__name__}s ({paths}); pass the one you mean, "
+            f"e.g. {paths.split(', ')[0]}."
+        )
+    return mine[0][1]
+
+
+def _injected_hyperparams(state: Any) -> dict[str, Any]:
+    """The ``hyperparams`` of the single ``optax.inject_hyperparams`` state inside ``state``."""
+    kinds = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+    found = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds)) if isinstance(x, kinds)]
+    if len(found) != 1:
+        raise ValueError(
+            f"optimizer is an optax.inject_hyperparams transformation, but state holds {len(found)} "
+            "inject_hyperparams states; pass the state this optimizer made (or the part of it it made)."
+        )
+    return dict(found[0].hyperparams)
+
+
+def _config_of(optimizer: Any, state: Any) -> RmsConfig:
+    """The options of ``optimizer`` (one of ours, or ``optax.inject_hyperparams`` of one) that made ``state``."""
+    update = getattr(optimizer, "update", None)
+    cfg = _step.CONFIGS.get(update) if callable(update) else None
+    if cfg is not None:
+        return cfg
+    # optax.inject_hyperparams(factory)(...): the factory and its static arguments are in the
+    # update function's closure, the values of the others in the state.
+    closure = inspect.getclosurevars(update).nonlocals if inspect.isfunction(update) else {}
+    factory, others = closure.get("inner_factory"), closure.get("other_hps")
+    if callable(factory) and getattr(factory, "__module__", "").startswith("rmsprop_jax.") and isinstance(others, dict):
+        return _config_of(factory(**others, **_injected_hyperparams(state)), state)
+    raise TypeError(
+        "optimizer must be the transformation that made the state: rmsprop_jax.rmsprop(...), "
+        "rmsprop_jax.scale_by_rms(...) or a rmsprop_jax.presets optimizer (the one you put into an "
+        f"optax.chain or MultiSteps), or optax.inject_hyperparams of one of them; got {optimizer!r}."
+    )
 
 
 def _order_keys(x: jax.Array) -> jax.Array:
@@ -132,19 +172,16 @@ def _leaf_stat(fn: Any, rate: jax.Array) -> jax.Array:
 
 def effective_learning_rate(
     state: optax.OptState,
-    learning_rate: optax.ScalarOrSchedule,
-    decay: jax.typing.ArrayLike | optax.Schedule = 0.9,
-    eps: jax.typing.ArrayLike = 1e-8,
+    optimizer: optax.GradientTransformation,
     *,
-    eps_in_sqrt: bool = False,
-    centered: bool = False,
-    bias_correction: bool = False,
+    learning_rate: optax.ScalarOrSchedule | None = None,
 ) -> EffectiveLearningRate:
     r"""The per-element learning rate RMSprop applies, with min / median / max per leaf.
 
-    Pass the optimizer's state and the same hyperparameters the optimizer was built
-    with. With :math:`t` the state's ``count``, :math:`S_t` its ``nu`` (and
-    :math:`m_t` its ``mu`` when centered), the rate of each element is
+    Pass the optimizer's state and the optimizer that made it: every hyperparameter is
+    read from the optimizer, so the two cannot disagree. With :math:`t` the state's
+    ``count``, :math:`S_t` its ``nu`` (and :math:`m_t` its ``mu`` when centered), the rate
+    of each element is
 
     .. math::
 
@@ -161,36 +198,34 @@ def effective_learning_rate(
     shallow directions) and small where they were large (the steep ones). Momentum
     and weight decay act on top of it and are not included.
 
-    ``state`` may be the state of :func:`rmsprop` or :func:`scale_by_rms` itself, or
-    any state tree holding exactly one of them (``optax.chain``,
-    ``optax.inject_hyperparams``, ``optax.MultiSteps``, ``optax.masked``). For
-    ``scale_by_rms`` followed by ``optax.scale_by_learning_rate(lr)``, pass that
-    ``lr`` (or ``1.0`` for the normalization :math:`1/\mathrm{rms}_t` alone). Under
-    ``optax.inject_hyperparams``, pass ``state.hyperparams["learning_rate"]``.
+    ``optimizer`` is :func:`rmsprop`, :func:`scale_by_rms` or a preset, as built
+    (the element you put into ``optax.chain``, ``optax.MultiSteps`` or
+    ``optax.masked``), or ``optax.inject_hyperparams`` of one of them, whose current
+    hyperparameters are read from the state. ``state`` is its state, or any state
+    tree holding it. :func:`scale_by_rms` applies no learning rate: pass the one you
+    chain after it as ``learning_rate`` (the default 1.0 gives the normalization
+    :math:`1/\mathrm{rms}_t` alone).
 
-    Everything is element-wise plus one median (a sort) per leaf, and it runs under
+    Everything is element-wise plus one median per leaf (a radix select), and it runs under
     ``jax.jit`` and ``jax.vmap``; statistics a jitted function does not return are
     removed by XLA. An element whose :math:`v_t` is 0 with ``eps = 0`` has rate
     ``inf`` (its update is 0 while its gradient is 0).
 
     Args:
-      state: an optimizer state containing one ``RmspropState`` or ``ScaleByRmsState``.
-      learning_rate: :math:`\eta`, the optimizer's learning rate: a number, a traced
-        scalar, or a schedule of the step count.
-      decay: :math:`\rho`, used only by ``bias_correction``.
-      eps: :math:`\epsilon \geq 0`, as given to the optimizer.
-      eps_in_sqrt: as given to the optimizer.
-      centered: as given to the optimizer; must match the state (``mu`` present).
-      bias_correction: as given to the optimizer.
+      state: an optimizer state containing the ``RmspropState`` or ``ScaleByRmsState``
+        that ``optimizer`` made.
+      optimizer: the transformation that made it (see above).
+      learning_rate: only with :func:`scale_by_rms`: the learning rate chained after
+        it, a number, a traced scalar or a schedule. ``None``: 1.0.
 
     Returns:
       An :class:`EffectiveLearningRate` with the ``per_element`` rates (a tree
       shaped like ``nu``) and the ``min``, ``median`` and ``max`` of each leaf.
 
     Raises:
-      TypeError: ``state`` holds no RMSprop state, or a flag is not a bool.
-      ValueError: ``state`` holds several RMSprop states, a hyperparameter is out
-        of range, or ``centered`` does not match the state.
+      TypeError: ``optimizer`` is not one of ours, or ``state`` holds no state it made.
+      ValueError: ``state`` holds several such states, or ``learning_rate`` is given
+        for an optimizer that has its own.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, rmsprop_jax
@@ -199,31 +234,34 @@ def effective_learning_rate(
       >>> state = opt.init(params)
       >>> grads = {"w": jnp.array([0.5, -4.0]), "b": jnp.array([2.0])}
       >>> updates, state = opt.update(grads, state)
-      >>> diag = jax.jit(lambda s: rmsprop_jax.effective_learning_rate(s, 0.1, decay=0.9))(state)
+      >>> diag = jax.jit(lambda s: rmsprop_jax.effective_learning_rate(s, opt))(state)
       >>> print(diag.per_element["w"])  # 0.1 / sqrt(0.1 g^2): large for the small gradient
       [0.63245547 0.07905694]
       >>> print(f"{diag.median['w']:.4f} {diag.max['w']:.4f}")
       0.3558 0.6325
     """
-    _validation.check_learning_rate("learning_rate", learning_rate)
-    _validation.check_interval("decay", decay, 0.0, 1.0)
-    _validation.check_interval("eps", eps, 0.0, float("inf"), high_open=True)
-    for name, flag in (("eps_in_sqrt", eps_in_sqrt), ("centered", centered), ("bias_correction", bias_correction)):
-        if not isinstance(flag, bool | np.bool_):
-            raise TypeError(f"{name} must be a bool; got {flag!r}.")
-    if bias_correction and callable(decay):
-        raise ValueError("bias_correction=True needs a constant decay (as rmsprop does); got a schedule.")
+    cfg = _config_of(optimizer, state)
+    rmsprop_made = cfg.learning_rate is not None
+    if learning_rate is not None:
+        if rmsprop_made:
+            raise ValueError(
+                "learning_rate is for scale_by_rms, which applies none; this optimizer has its own "
+                f"(learning_rate={cfg.learning_rate!r}), which is used."
+            )
+        _validation.check_learning_rate("learning_rate", learning_rate)
+    lr = cfg.learning_rate if rmsprop_made else (1.0 if learning_rate is None else learning_rate)
     # 8-bit codes, factored statistics or 16-bit values as float trees like the parameters.
-    rms = _storage.decode_state(_find_rms_state(state))
+    rms = _storage.decode_state(_find_rms_state(state, RmspropState if rmsprop_made else ScaleByRmsState))
     has_mu = not isinstance(rms.mu, optax.EmptyState)
-    if centered != has_mu:
+    if cfg.centered != has_mu:
         built = "with centered=True (it has mu)" if has_mu else "with centered=False (its mu is EmptyState)"
-        raise ValueError(f"centered={centered} does not match the state, which was built {built}.")
+        raise ValueError(f"the optimizer has centered={cfg.centered} but the state was built {built}.")
 
     count = jnp.asarray(rms.count)
-    lr = learning_rate(jnp.maximum(count - 1, 0)) if callable(learning_rate) else learning_rate
-    constant_decay = 0.0 if callable(decay) else decay  # a schedule is only allowed without bias correction
-    return _rates(rms.nu, rms.mu if has_mu else None, count, lr, constant_decay, eps, eps_in_sqrt, bias_correction)
+    lr = lr(jnp.maximum(count - 1, 0)) if callable(lr) else lr
+    constant_decay = 0.0 if callable(cfg.decay) else cfg.decay  # a schedule is only allowed without bias correction
+    mu = rms.mu if has_mu else None
+    return _rates(rms.nu, mu, count, lr, constant_decay, cfg.eps, cfg.eps_in_sqrt, cfg.bias_correction)
 
 
 @functools.partial(jax.jit, static_argnums=(6, 7))

@@ -85,6 +85,12 @@ class FlatLayout:
     def check(self, flat: Any, name: str) -> None:
         """Raises a ValueError unless ``flat`` is a dict of this layout's buffers."""
         expected = {k: (n,) for k, n in self.sizes}
+        if isinstance(flat, dict) and (missing := [k for k, v in flat.items() if v is None]):
+            raise ValueError(
+                f"{name}[{missing[0]!r}] is None: flat mode steps each buffer whole, so every buffer needs its "
+                "gradient. jax.grad with respect to the flat buffers gives one; a part of the model without "
+                "gradients belongs outside the flattened tree (flat_init only the arrays you train)."
+            )
         got = (
             {k: tuple(jnp.shape(v)) for k, v in flat.items()}
             if isinstance(flat, dict) and all(hasattr(v, "shape") for v in flat.values())

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax as _optax
 
-from rmsprop_jax import _dtypes, _validation
+from rmsprop_jax import _dtypes, _step, _validation
 from rmsprop_jax._alias import rmsprop
 
 
@@ -105,12 +105,14 @@ def _split_complex(inner: _optax.GradientTransformationExtraArgs) -> _optax.Grad
         out, state = inner.update(jax.tree.map(_as_real, updates), state, real_params, **extra_args)
         return jax.tree.map(_as_complex, out, updates), state
 
+    _step.CONFIGS[update_fn] = _step.CONFIGS[inner.update]  # effective_learning_rate reads inner's options
     return _optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # --- Frameworks --------------------------------------------------------------------------------
 
 
+@_validation.framework_names
 def pytorch(
     lr: _optax.ScalarOrSchedule = 1e-2,
     alpha: jax.typing.ArrayLike = 0.99,
@@ -200,6 +202,7 @@ def pytorch(
     return _split_complex(inner)
 
 
+@_validation.framework_names
 def keras(
     learning_rate: _optax.ScalarOrSchedule = 1e-3,
     rho: jax.typing.ArrayLike = 0.9,
@@ -280,6 +283,7 @@ def keras(
     )
 
 
+@_validation.framework_names
 def tf1(
     learning_rate: _optax.ScalarOrSchedule,
     decay: jax.typing.ArrayLike = 0.9,
@@ -346,6 +350,7 @@ def tf1(
     )
 
 
+@_validation.framework_names
 def optax(
     learning_rate: _optax.ScalarOrSchedule,
     decay: jax.typing.ArrayLike = 0.9,
@@ -427,6 +432,7 @@ def optax(
 # --- Courses and papers ------------------------------------------------------------------------
 
 
+@_validation.framework_names
 def deeplearning_ai(
     learning_rate: _optax.ScalarOrSchedule,
     beta: jax.typing.ArrayLike = 0.9,
@@ -469,6 +475,7 @@ def deeplearning_ai(
     return rmsprop(learning_rate, decay=beta, eps=epsilon)
 
 
+@_validation.framework_names
 def d2l(
     learning_rate: _optax.ScalarOrSchedule,
     gamma: jax.typing.ArrayLike = 0.9,
@@ -517,6 +524,7 @@ def d2l(
     return rmsprop(learning_rate, decay=gamma, eps=eps, eps_in_sqrt=True)
 
 
+@_validation.framework_names
 def graves2013(
     learning_rate: _optax.ScalarOrSchedule = 1e-4,
     decay: jax.typing.ArrayLike = 0.95,
@@ -579,6 +587,7 @@ def graves2013(
     )
 
 
+@_validation.framework_names
 def dqn2015(
     learning_rate: _optax.ScalarOrSchedule = 2.5e-4,
     decay: jax.typing.ArrayLike = 0.95,

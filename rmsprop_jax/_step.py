@@ -8,6 +8,7 @@ its codec's business (:mod:`._codecs`); nothing here depends on it.
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +45,11 @@ def init(cfg: RmsConfig, params: Any) -> dict[str, Any]:
 
 
 def update(cfg: RmsConfig, updates: Any, state: Any, params: Any, lr_t: Any, decay_t: Any) -> tuple[Any, Any]:
-    """One step of the whole tree; ``lr_t``, ``decay_t``: the schedules' values at ``state.count``, or None."""
+    """One step of the whole tree; ``lr_t``, ``decay_t``: the schedules' values at ``state.count``, or None.
+
+    A gradient leaf that is None (``eqx.filter_grad``, a frozen part of the model) gets a
+    None update and leaves that leaf's buffers as they are, as ``optax.rmsprop`` does.
+    """
     mode = cfg.on_nonfinite
     _nonfinite.check_counter(mode, state.nonfinite_count)
     values = _storage.values_of(state.nu)
@@ -56,12 +61,13 @@ def update(cfg: RmsConfig, updates: Any, state: Any, params: Any, lr_t: Any, dec
     kinds = bufs if fields["trace"] else mus  # leaves that are complex exactly when the parameter is
     # NumPy bfloat16 inputs must not promote: gradients become jax arrays before any check.
     grads = _checked_leaves("updates", updates, treedef, values, refs, kinds, jnp.asarray)
-    gs, all_finite = _nonfinite.screen(mode, grads)
+    present = [g is not None for g in grads]
+    gs, all_finite = _nonfinite.screen(mode, [g for g in grads if g is not None])
     ps: list[Any] = [None] * n
     if cfg.use_weight_decay and n:
         if params is None:
             raise ValueError(_NO_PARAMS.format(wd=_validation.describe(cfg.weight_decay)))
-        ps = _checked_leaves("params", params, treedef, values, refs, [None] * n, lambda p: p)
+        ps = _checked_leaves("params", params, treedef, values, refs, [None] * n, lambda p: p, present)
 
     count = jnp.asarray(optax.safe_increment(state.count))
 
@@ -78,7 +84,12 @@ def update(cfg: RmsConfig, updates: Any, state: Any, params: Any, lr_t: Any, dec
         with contextlib.suppress(TypeError):  # unhashable: array-valued hyperparameters (optax.inject_hyperparams)
             step = _jitted_leaf_step(cfg)
     outs = []
-    for i, (g, p, nu, mu, b) in enumerate(zip(gs, ps, nus, mus, bufs, strict=True)):
+    screened = iter(gs)
+    for i, (here, p, nu, mu, b) in enumerate(zip(present, ps, nus, mus, bufs, strict=True)):
+        if not here:  # a None gradient: no update, the buffers as stored
+            outs.append((None, nu, mu, b))
+            continue
+        g = next(screened)
         s = scalars(_dtypes.compute_dtype(g.dtype, nu[0].dtype))
         # The leaf's position matters only to random streams; 0 lets equal leaves share one trace.
         outs.append(step(s, key, state.count, i if cfg.stochastic_rounding else 0, g, p, nu, mu, b))
@@ -92,12 +103,32 @@ def update(cfg: RmsConfig, updates: Any, state: Any, params: Any, lr_t: Any, dec
 
 
 def _checked_leaves(
-    name: str, tree: Any, treedef: Any, values: Any, refs: list[Any], kinds: list[Any], convert: Callable[[Any], Any]
+    name: str,
+    tree: Any,
+    treedef: Any,
+    values: Any,
+    refs: list[Any],
+    kinds: list[Any],
+    convert: Callable[[Any], Any],
+    needed: list[bool] | None = None,
 ) -> list[Any]:
-    """The leaves of ``tree`` (``updates`` or ``params``), converted, each checked against its parameter's shape."""
-    _tree.flatten_like(tree, treedef, name=name, reference_name=STATE_NAME, reference=values)
+    """The leaves of ``tree`` (``updates`` or ``params``), converted, each checked against its parameter's shape.
+
+    A None where the state has a leaf stays None (a leaf without a gradient); ``needed``
+    (params) says which leaves must be arrays: those whose gradient is present.
+    """
+    leaves = _tree.flatten_like(tree, treedef, name=name, reference_name=STATE_NAME, reference=values, none_leaves=True)
+    paths = [path for path, _ in _tree.leaves_with_paths(values)[0]]
     out = []
-    for (path, x), ref, kind in zip(_tree.leaves_with_paths(tree)[0], refs, kinds, strict=True):
+    for j, (path, x, ref, kind) in enumerate(zip(paths, leaves, refs, kinds, strict=True)):
+        if x is None:
+            if needed is not None and needed[j]:
+                raise ValueError(
+                    f"{name}{_tree.path_str(path)} is None but its gradient is not; weight decay needs the "
+                    "parameter of every leaf that has a gradient."
+                )
+            out.append(None)
+            continue
         x = convert(x)
         _tree.check_leaf(x, ref, path, name=name, kind_leaf=None if kind is None else kind[0])
         out.append(x)
@@ -202,6 +233,7 @@ def transformation(cfg: RmsConfig, state_type: type) -> tuple[Callable[..., Any]
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         del extra_args
+        check_state(state, state_type)
         # Schedules are evaluated here, as optax does, so that an eager call evaluates them
         # eagerly too; the step itself is one compiled computation.
         lr = cfg.learning_rate
@@ -209,4 +241,26 @@ def transformation(cfg: RmsConfig, state_type: type) -> tuple[Callable[..., Any]
         params = None if lr is None else params  # scale_by_rms ignores them (they may not even be arrays)
         return step_fn(updates, state, params, lr_t, cfg.decay(state.count) if callable(cfg.decay) else None)
 
+    CONFIGS[update_fn] = cfg
     return init_fn, update_fn
+
+
+# The configuration behind each update function this module made (effective_learning_rate reads it).
+CONFIGS: "weakref.WeakKeyDictionary[Callable[..., Any], RmsConfig]" = weakref.WeakKeyDictionary()
+
+
+def check_state(state: Any, state_type: type) -> None:
+    """Raises TypeError unless ``state`` is a ``state_type``, saying what came instead."""
+    if isinstance(state, state_type):
+        return
+    name = state_type.__name__
+    if type(state) is tuple:
+        got = f"a plain tuple of {len(state)} states, as optax.chain keeps"
+        fix = "pass the whole chain's state to the chain's update, or this optimizer's own element of it"
+    elif isinstance(state, dict):
+        got = f"a dict with keys {sorted(map(str, state))}"
+        fix = f"restore a checkpoint with this optimizer's init(params) as its target, to get back a {name}"
+    else:
+        got = f"a state of type {type(state).__module__}.{type(state).__qualname__}"
+        fix = f"pass the state this optimizer's init returned (a {name})"
+    raise TypeError(f"state must be the {name} this optimizer's init returned; got {got}: {fix}.")

@@ -1,12 +1,12 @@
 """``scale_by_rms``: the RMSprop normalization as a composable building block."""
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.typing
 import optax
 
-from rmsprop_jax import _step
+from rmsprop_jax import _step, _validation
 from rmsprop_jax._config import RmsConfig
 
 
@@ -33,6 +33,7 @@ class ScaleByRmsState(NamedTuple):
     nonfinite_count: Any = optax.EmptyState()
 
 
+@_validation.framework_names
 def scale_by_rms(
     decay: jax.typing.ArrayLike | optax.Schedule = 0.9,
     eps: jax.typing.ArrayLike = 1e-8,
@@ -41,8 +42,8 @@ def scale_by_rms(
     initial_scale: jax.typing.ArrayLike = 0.0,
     centered: bool = False,
     bias_correction: bool = False,
-    state_dtype: Any = None,
-    on_nonfinite: str = "propagate",
+    state_dtype: str | jax.typing.DTypeLike | None = None,
+    on_nonfinite: Literal["propagate", "skip", "zero"] = "propagate",
     stochastic_rounding: bool | None = None,
     block_size: int | None = None,
     min_8bit_size: int | None = None,

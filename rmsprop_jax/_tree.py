@@ -1,4 +1,4 @@
-"""Pytree helpers: building state like params, and matching grads against state."""
+"""Pytree utilities: building state like params, and matching grads against state."""
 
 from typing import Any
 
@@ -54,17 +54,27 @@ def full_like(leaf: Any, value: Any, dtype: np.dtype) -> jax.Array:
     return out
 
 
-def flatten_like(tree: Any, reference_treedef: Any, *, name: str, reference_name: str, reference: Any) -> list[Any]:
+def flatten_like(
+    tree: Any, reference_treedef: Any, *, name: str, reference_name: str, reference: Any, none_leaves: bool = False
+) -> list[Any]:
     """Flattens ``tree`` to the leaves of ``reference_treedef``, or raises ValueError.
 
-    The error lists the paths ``tree`` lacks and the paths it has extra (what one needs
-    to fix a grads/state mismatch), then both structures. When the paths agree but the
-    structures do not (a list where the state has a tuple, a None leaf), only the
-    structures tell them apart.
+    With ``none_leaves``, a None where the reference has a leaf is returned as that leaf
+    (a gradient optax treats as absent). The error lists the paths ``tree`` lacks and the
+    paths it has extra (what one needs to fix a grads/state mismatch), then both
+    structures. When the paths agree but the structures do not (a list where the state
+    has a tuple), only the structures tell them apart.
     """
     treedef = jax.tree_util.tree_structure(tree)
     if treedef == reference_treedef:
         return jax.tree_util.tree_leaves(tree)
+    if none_leaves:
+        try:
+            leaves = reference_treedef.flatten_up_to(tree)
+        except (ValueError, TypeError):
+            leaves = None
+        if leaves is not None and all(x is None or _is_leaf(x) for x in leaves):
+            return leaves
     paths = [path_str(p) for p, _ in leaves_with_paths(tree)[0]]
     ref_paths = [path_str(p) for p, _ in leaves_with_paths(reference)[0]]
     have = set(paths)
@@ -82,6 +92,10 @@ def flatten_like(tree: Any, reference_treedef: Any, *, name: str, reference_name
         f"The structure of {name} does not match {reference_name}: {'; '.join(parts)}.\n"
         f"{name}: {treedef}\n{reference_name}: {reference_treedef}"
     )
+
+
+def _is_leaf(x: Any) -> bool:
+    return jax.tree_util.treedef_is_leaf(jax.tree.structure(x))
 
 
 def _some(paths: list[str], limit: int = 10) -> str:

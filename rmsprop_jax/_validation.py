@@ -5,12 +5,19 @@ under jit, or a vmapped sweep) and a schedule are the caller's responsibility: a
 check would need a host round trip on every step.
 """
 
+import functools
+import inspect
 import math
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def concrete(value: Any) -> np.ndarray | None:
@@ -163,3 +170,77 @@ def _tiny(dtype: np.dtype) -> np.ndarray:
     import ml_dtypes
 
     return np.asarray(ml_dtypes.finfo(dtype).smallest_subnormal, dtype)
+
+
+# What other libraries call the hyperparameters: the concept each name stands for, and whose name it is.
+_FOREIGN_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "lr": (("learning_rate", "PyTorch's name for the learning rate"),),
+    "learning_rate": (("learning_rate", "the learning rate"),),
+    "step_size": (("learning_rate", "the learning rate"),),
+    "eta": (("learning_rate", "d2l.ai's name for the learning rate"),),
+    "alpha": (
+        ("decay", "PyTorch's name for the decay of S"),
+        ("learning_rate", "the deeplearning.ai course's name for the learning rate"),
+    ),
+    "rho": (("decay", "Keras's name for the decay of S"),),
+    "beta": (("decay", "the deeplearning.ai course's name for the decay of S"),),
+    "beta2": (("decay", "the decay of the second moment"),),
+    "beta_2": (("decay", "the decay of the second moment"),),
+    "b2": (("decay", "optax's adam name for the decay of the second moment"),),
+    "gamma": (("decay", "d2l.ai's name for the decay of S"),),
+    "decay_rate": (("decay", "the decay of S"),),
+    "decay": (("decay", "the decay of S"),),
+    "epsilon": (("eps", "Keras's and TF1's name for eps"),),
+    "eps": (("eps", "the stabilizing constant"),),
+    "initial_accumulator_value": (("initial_scale", "the initial value of S"),),
+    "wd": (("weight_decay", "the weight decay"),),
+    "weight_decay": (("weight_decay", "the weight decay"),),
+}
+# The names each concept goes by in our functions (the presets keep their framework's names).
+_CONCEPT_NAMES = {
+    "learning_rate": ("learning_rate", "lr"),
+    "decay": ("decay", "alpha", "rho", "beta", "gamma"),
+    "eps": ("eps", "epsilon"),
+    "initial_scale": ("initial_scale",),
+    "weight_decay": ("weight_decay",),
+}
+
+
+def unknown_keyword(function: str, name: str, parameters: Sequence[str]) -> str:
+    """The message for a keyword ``function`` does not take: what ``name`` means elsewhere and what to pass."""
+    hints = []
+    for concept, meaning in _FOREIGN_NAMES.get(name, ()):
+        ours = next((p for p in _CONCEPT_NAMES[concept] if p in parameters), None)
+        if ours is not None and ours != name:
+            hints.append(f"{name!r} is {meaning}, which {function} calls {ours!r}")
+        elif ours is None and concept == "learning_rate":
+            hints.append(
+                f"{name!r} is {meaning}, which {function} does not apply: chain optax.scale_by_learning_rate "
+                "after it, or use rmsprop_jax.rmsprop"
+            )
+        elif ours is None:
+            hints.append(f"{name!r} is {meaning}, which {function} does not take")
+    allowed = ", ".join(parameters)
+    if hints:
+        return f"{function}() got an unexpected keyword argument {name!r}; " + "; or ".join(hints) + "."
+    return f"{function}() got an unexpected keyword argument {name!r}; it takes: {allowed}."
+
+
+def framework_names(function: Callable[P, R]) -> Callable[P, R]:
+    """``function``, whose unknown keyword arguments raise a TypeError naming the argument to use.
+
+    The signature is unchanged (type checkers flag ``rmsprop(lr=...)`` as Python would);
+    the call only gets a better message than Python's bare "unexpected keyword argument".
+    """
+    parameters = list(inspect.signature(function).parameters)
+    public = "rmsprop_jax.presets" if function.__module__.endswith("._presets") else "rmsprop_jax"
+    label = f"{public}.{function.__name__}"
+
+    @functools.wraps(function)
+    def checked(*args: P.args, **kwargs: P.kwargs) -> R:
+        for name in kwargs:
+            if name not in parameters:
+                raise TypeError(unknown_keyword(label, name, parameters))
+        return function(*args, **kwargs)
+
+    return checked

@@ -103,8 +103,11 @@ class PublishedNumbersTest(chex.TestCase):
 
     def test_d2l_gamma_one_explodes(self):
         # d2l exercise: gamma = 1 keeps S at 0, so the step is eta * g / sqrt(eps) = 400 g
-        # for eta 0.4, eps 1e-6: the iterate grows by orders of magnitude per step.
-        opt = rmsprop_jax.rmsprop(0.4, decay=1.0, eps=1e-6, eps_in_sqrt=True)
+        # for eta 0.4, eps 1e-6: the iterate grows by orders of magnitude per step. A constant
+        # decay of 1 is refused for it; a schedule is the caller's responsibility and shows it.
+        with self.assertRaisesRegex(ValueError, r"decay=1\.0 with initial_scale=0\.0: S_t = S_\(t-1\)"):
+            rmsprop_jax.rmsprop(0.4, decay=1.0, eps=1e-6, eps_in_sqrt=True)
+        opt = rmsprop_jax.rmsprop(0.4, decay=lambda t: 1.0, eps=1e-6, eps_in_sqrt=True)
         x = jnp.array([-5.0, -2.0])
         state = opt.init(x)
         g = x * jnp.array([0.2, 4.0])

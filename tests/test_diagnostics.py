@@ -91,7 +91,7 @@ class EffectiveLearningRateTest(chex.TestCase):
             state = opt.init(params)
             for g in grads:
                 _, state = opt.update({"a": jnp.asarray(g[:4]), "b": jnp.asarray(g[4:].reshape(5, 1))}, state, params)
-            diag = self.variant(lambda s: rmsprop_jax.effective_learning_rate(s, **kwargs))(state)
+            diag = self.variant(lambda s: rmsprop_jax.effective_learning_rate(s, opt))(state)
             self.assertEqual(diag.per_element["a"].dtype, jnp.float64)
             got = np.concatenate([np.asarray(diag.per_element["a"]), np.asarray(diag.per_element["b"]).ravel()])
         np.testing.assert_allclose(got, expected, rtol=1e-12)
@@ -109,7 +109,7 @@ class EffectiveLearningRateTest(chex.TestCase):
         state = opt.init(params)
         _, state = opt.update(jax.tree.map(lambda g: 0.1 * g, grads), state)
         updates, state = opt.update(grads, state)
-        diag = self.variant(lambda s: rmsprop_jax.effective_learning_rate(s, 1e-2, decay=0.95))(state)
+        diag = self.variant(lambda s: rmsprop_jax.effective_learning_rate(s, opt))(state)
         chex.assert_trees_all_close(
             jax.tree.map(lambda r, g: -r * g, diag.per_element, grads), updates, rtol=2e-6, atol=0
         )
@@ -120,19 +120,19 @@ class EffectiveLearningRateTest(chex.TestCase):
 
 def test_before_the_first_update_is_the_initial_scale():
     # Closed form at count 0: lr / (sqrt(S_0) + eps), the schedule read at 0.
-    state = rmsprop_jax.rmsprop(0.5, initial_scale=4.0, eps=0.5).init(jnp.zeros(3))
-    diag = rmsprop_jax.effective_learning_rate(state, lambda t: jnp.where(t == 0, 0.5, 7.0), eps=0.5)
+    opt = rmsprop_jax.rmsprop(lambda t: jnp.where(t == 0, 0.5, 7.0), initial_scale=4.0, eps=0.5)
+    diag = rmsprop_jax.effective_learning_rate(opt.init(jnp.zeros(3)), opt)
     np.testing.assert_array_equal(diag.per_element, np.full(3, 0.5 / 2.5, np.float32))
     # eps = 0 and S = 0: an infinite rate, documented.
-    state = rmsprop_jax.rmsprop(0.5, eps=0.0).init(jnp.zeros(2))
-    assert np.all(np.isinf(rmsprop_jax.effective_learning_rate(state, 0.5, eps=0.0).max))
+    opt = rmsprop_jax.rmsprop(0.5, eps=0.0)
+    assert np.all(np.isinf(rmsprop_jax.effective_learning_rate(opt.init(jnp.zeros(2)), opt).max))
 
 
 def test_complex_parameters_use_the_real_second_moment():
     g = jnp.array([3 + 4j, 0.6 - 0.8j], jnp.complex64)
     opt = rmsprop_jax.rmsprop(0.1, decay=0.75)
     _, state = opt.update(g, opt.init(jnp.zeros(2, jnp.complex64)))
-    rate = rmsprop_jax.effective_learning_rate(state, 0.1, decay=0.75).per_element
+    rate = rmsprop_jax.effective_learning_rate(state, opt).per_element
     assert rate.dtype == jnp.float32
     # S_1 = 0.25 |g|^2 with |g| = 5 and 1: rate = 0.1 / (0.5 |g| + 1e-8).
     np.testing.assert_allclose(rate, [0.1 / (2.5 + 1e-8), 0.1 / (0.5 + 1e-8)], rtol=1e-6)
@@ -160,11 +160,11 @@ PARAMS = {"w": jnp.arange(6.0).reshape(2, 3) / 4, "b": jnp.array([1.0, -1.0])}
 )
 def test_finds_the_state_inside_wrappers(make):
     with jax.numpy_dtype_promotion("standard"):  # optax's MultiSteps is not clean under strict promotion
-        state = _trained(make(), PARAMS)
+        state = _trained(opt := make(), PARAMS)
     bare = _trained(rmsprop_jax.rmsprop(0.01, centered=True), PARAMS)
-    lr = state.hyperparams["learning_rate"] if hasattr(state, "hyperparams") else 0.01
-    got = rmsprop_jax.effective_learning_rate(state, lr, centered=True)
-    want = rmsprop_jax.effective_learning_rate(bare, 0.01, centered=True)
+    inner = rmsprop_jax.rmsprop(0.01, centered=True)
+    got = rmsprop_jax.effective_learning_rate(state, opt if hasattr(state, "hyperparams") else inner)
+    want = rmsprop_jax.effective_learning_rate(bare, inner)
     chex.assert_trees_all_close(got, want, rtol=1e-6)
 
 
@@ -173,7 +173,7 @@ def test_scale_by_rms_with_a_separate_learning_rate_and_masked_leaves():
         optax.masked(rmsprop_jax.scale_by_rms(decay=0.5), {"w": True, "b": False}), optax.scale_by_learning_rate(0.1)
     )
     state = _trained(opt, PARAMS)
-    diag = rmsprop_jax.effective_learning_rate(state, 0.1, decay=0.5)
+    diag = rmsprop_jax.effective_learning_rate(state, rmsprop_jax.scale_by_rms(decay=0.5), learning_rate=0.1)
     assert set(diag.median) == {"w", "b"} and not jax.tree.leaves(diag.median["b"])  # b is masked: no rate
     # Closed form: S_3 = sum_k decay^(3 - k) (1 - decay) g_k^2.
     s = sum(0.5 ** (3 - k) * 0.5 * (k * (np.asarray(PARAMS["w"]) - 0.5)) ** 2 for k in (1, 2, 3))
@@ -183,39 +183,85 @@ def test_scale_by_rms_with_a_separate_learning_rate_and_masked_leaves():
 def test_vmapped_over_learning_rates():
     state = _trained(rmsprop_jax.rmsprop(0.01), PARAMS)
     lrs = jnp.array([1e-3, 1e-2, 1e-1])
-    medians = jax.jit(jax.vmap(lambda lr: rmsprop_jax.effective_learning_rate(state, lr).median["w"]))(lrs)
-    one = rmsprop_jax.effective_learning_rate(state, 1.0).median["w"]
+    medians = jax.jit(
+        jax.vmap(lambda lr: rmsprop_jax.effective_learning_rate(state, rmsprop_jax.rmsprop(lr)).median["w"])
+    )(lrs)
+    one = rmsprop_jax.effective_learning_rate(state, rmsprop_jax.rmsprop(1.0)).median["w"]
     np.testing.assert_allclose(medians, lrs * one, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
-    ("state", "kwargs", "error", "message"),
+    ("state", "optimizer", "kwargs", "error", "message"),
     [
-        (optax.EmptyState(), {}, TypeError, "got a EmptyState holding none"),
-        ({"w": jnp.ones(2)}, {}, TypeError, "an RmspropState or ScaleByRmsState"),
-        (None, {"learning_rate": float("nan")}, ValueError, "learning_rate=nan is not allowed"),
-        (None, {"eps": -1.0}, ValueError, "eps=-1.0 is outside the allowed range [0.0, inf)"),
-        (None, {"decay": 1.5}, ValueError, "decay=1.5 is outside the allowed range [0.0, 1.0]"),
-        (None, {"centered": 1}, TypeError, "centered must be a bool; got 1"),
-        (None, {"eps_in_sqrt": "yes"}, TypeError, "eps_in_sqrt must be a bool; got 'yes'"),
-        (None, {"centered": True}, ValueError, "centered=True does not match the state"),
-        (None, {"bias_correction": True, "decay": lambda t: 0.9}, ValueError, "needs a constant decay"),
+        (optax.EmptyState(), None, {}, TypeError, "got a EmptyState holding none"),
+        ({"w": jnp.ones(2)}, None, {}, TypeError, "an RmspropState or ScaleByRmsState"),
+        (None, optax.rmsprop(0.1), {}, TypeError, "optimizer must be the transformation that made the state"),
+        (None, 0.1, {}, TypeError, "optimizer must be the transformation that made the state"),
+        (None, rmsprop_jax.scale_by_rms(), {}, TypeError, "the optimizer makes a ScaleByRmsState, but state holds"),
+        (None, rmsprop_jax.rmsprop(0.1, centered=True), {}, ValueError, "has centered=True but the state was built"),
+        (None, None, {"learning_rate": 0.5}, ValueError, "learning_rate is for scale_by_rms"),
     ],
 )
-def test_bad_input_is_reported(state, kwargs, error, message):
+def test_bad_input_is_reported(state, optimizer, kwargs, error, message):
     if state is None:
         state = rmsprop_jax.rmsprop(0.1).init(jnp.ones(2))
-    kwargs = {"learning_rate": 0.1, **kwargs}
+    optimizer = rmsprop_jax.rmsprop(0.1) if optimizer is None else optimizer
     with pytest.raises(error, match=re.escape(message)):
-        rmsprop_jax.effective_learning_rate(state, **kwargs)
+        rmsprop_jax.effective_learning_rate(state, optimizer, **kwargs)
 
 
-def test_two_rms_states_are_ambiguous():
-    opt = optax.chain(rmsprop_jax.scale_by_rms(), rmsprop_jax.rmsprop(0.1))
-    with pytest.raises(ValueError, match=re.escape("state holds 2 RMSprop states (state[0], state[1]); pass the one")):
-        rmsprop_jax.effective_learning_rate(opt.init(jnp.ones(2)), 0.1)
-    state = opt.init(jnp.ones(2))
-    np.testing.assert_allclose(rmsprop_jax.effective_learning_rate(state[1], 0.1).max, 0.1 / 1e-8, rtol=1e-6)
+def test_scale_by_rms_learning_rate_is_checked():
+    opt = rmsprop_jax.scale_by_rms()
+    with pytest.raises(ValueError, match=re.escape("learning_rate=nan is not allowed")):
+        rmsprop_jax.effective_learning_rate(opt.init(jnp.ones(2)), opt, learning_rate=float("nan"))
+
+
+def test_two_rms_states_are_told_apart_by_type_or_reported():
+    first, second = rmsprop_jax.scale_by_rms(), rmsprop_jax.rmsprop(0.1)
+    state = optax.chain(first, second).init(jnp.ones(2))
+    # One of each type: the optimizer says which.
+    np.testing.assert_allclose(rmsprop_jax.effective_learning_rate(state, second).max, 0.1 / 1e-8, rtol=1e-6)
+    np.testing.assert_allclose(rmsprop_jax.effective_learning_rate(state, first).max, 1 / 1e-8, rtol=1e-6)
+    twice = optax.chain(second, second).init(jnp.ones(2))
+    with pytest.raises(ValueError, match=re.escape("state holds 2 RmspropStates (state[0], state[1]); pass the one")):
+        rmsprop_jax.effective_learning_rate(twice, second)
+
+
+def test_every_hyperparameter_comes_from_the_optimizer():
+    # presets.optax (eps inside the root) read with the defaults of rmsprop gave 3065 where the
+    # rate is 10: now the optimizer is the only source. Closed form after one step of g = 1e-8:
+    # S = 0.1 * 1e-16, rate = 0.1 / sqrt(S + 1e-8) ~ 0.1 / 1e-4 = 1000.
+    opt = rmsprop_jax.presets.optax(0.1)
+    params = jnp.zeros(3)
+    _, state = opt.update(jnp.full(3, 1e-8), opt.init(params))
+    rate = rmsprop_jax.effective_learning_rate(state, opt).median
+    np.testing.assert_allclose(rate, 0.1 / np.sqrt(0.1 * 1e-16 + 1e-8), rtol=1e-6)
+    # PyTorch's preset wraps rmsprop for complex leaves: its options are still found.
+    torch_like = rmsprop_jax.presets.pytorch(lr=0.1, alpha=0.5, eps=1e-3)
+    _, state = torch_like.update(jnp.full(3, 2.0), torch_like.init(params))
+    np.testing.assert_allclose(
+        rmsprop_jax.effective_learning_rate(state, torch_like).median, 0.1 / (np.sqrt(0.5 * 4.0) + 1e-3), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_inject_hyperparams_reads_the_current_values_from_the_state(jit):
+    schedule = lambda t: jnp.where(t < 2, 0.1, 0.025)
+    opt = optax.inject_hyperparams(rmsprop_jax.rmsprop, static_args=("eps_in_sqrt",))(
+        learning_rate=schedule, decay=0.5, eps=1e-3, eps_in_sqrt=True
+    )
+    params = jnp.zeros(2)
+    state = opt.init(params)
+    s = np.zeros(2)
+    for k in range(3):
+        g = np.array([1.0, 4.0]) * (k + 1)
+        _, state = opt.update(jnp.asarray(g, jnp.float32), state, params)
+        s = 0.5 * s + 0.5 * g**2
+    diag = (
+        jax.jit(rmsprop_jax.effective_learning_rate, static_argnums=1) if jit else rmsprop_jax.effective_learning_rate
+    )(state, opt)
+    # float64 closed form: the third update (t = 2) used 0.025, with eps inside the root.
+    np.testing.assert_allclose(diag.per_element, 0.025 / np.sqrt(s + 1e-3), rtol=1e-5)
 
 
 @hypothesis.settings(max_examples=40, deadline=None)

@@ -466,7 +466,7 @@ def test_effective_learning_rate_reads_every_storage():
         state = opt.init(p)
         for t in range(3):
             _, state = opt.update(_grads(t), state, p)
-        got = rmsprop_jax.effective_learning_rate(state, 0.1).per_element
+        got = rmsprop_jax.effective_learning_rate(state, opt).per_element
         nu = rmsprop_jax.decode_state(state).nu
         want = jax.tree.map(lambda s: 0.1 / (jnp.sqrt(s.astype(jnp.float32)) + 1e-8), nu)
         chex.assert_trees_all_close(got, want, rtol=1e-6)

@@ -180,8 +180,13 @@ def test_unknown_on_nonfinite(build, value):
     [
         (
             {"eps": 0.0, "decay": 1.0},
-            "eps=0.0 with decay=1.0 and initial_scale=0.0: S stays 0 forever, so every nonzero gradient "
-            "would be divided by 0. Allowed: eps > 0, decay < 1 or initial_scale > 0.",
+            "decay=1.0 with initial_scale=0.0: S_t = S_(t-1) + 0 * g^2 stays 0 forever, so every update would "
+            "divide the gradient by eps=0.0 alone. Allowed: decay in [0, 1), or decay=1.0 with initial_scale > 0",
+        ),
+        (  # eps > 0 does not save it: every step is g / eps, -1e5 per element at lr 1e-3 with g = 1
+            {"decay": 1.0},
+            "decay=1.0 with initial_scale=0.0: S_t = S_(t-1) + 0 * g^2 stays 0 forever, so every update would "
+            "divide the gradient by eps=1e-08 alone.",
         ),
         (
             {"eps": 0.0, "centered": True, "decay": 0.0},
@@ -279,3 +284,92 @@ def test_there_is_no_16_bit_complex_dtype():
 
     with pytest.raises(TypeError, match="there is no complex dtype with float16 parts"):
         _dtypes.complex_dtype(np.dtype("float16"))
+
+
+@pytest.mark.parametrize(
+    ("make_state", "message"),
+    [
+        (
+            lambda p: optax.chain(optax.clip(1.0), rmsprop_jax.rmsprop(0.1)).init(p),
+            "state must be the RmspropState this optimizer's init returned; got a plain tuple of 2 states, as "
+            "optax.chain keeps: pass the whole chain's state to the chain's update",
+        ),
+        (
+            lambda p: optax.rmsprop(0.1).init(p)[0],
+            "got a state of type optax._src.transform.ScaleByRmsState: pass the state this optimizer's init returned",
+        ),
+        (
+            lambda p: {"count": 0, "nu": p},
+            "got a dict with keys ['count', 'nu']: restore a checkpoint with this optimizer's init(params)",
+        ),
+        (lambda p: rmsprop_jax.scale_by_rms().init(p), "got a state of type rmsprop_jax._transform.ScaleByRmsState"),
+    ],
+)
+def test_a_state_from_elsewhere_is_named(make_state, message):
+    params = jnp.ones(3)
+    for jit in (False, True):
+        update = rmsprop_jax.rmsprop(0.1).update
+        with pytest.raises(TypeError, match=re.escape(message)):
+            (jax.jit(update) if jit else update)(params, make_state(params))
+
+
+@pytest.mark.parametrize(
+    ("build", "kwargs", "message"),
+    [
+        (
+            rmsprop_jax.rmsprop,
+            {"lr": 0.1},
+            "'lr' is PyTorch's name for the learning rate, which rmsprop_jax.rmsprop calls 'learning_rate'",
+        ),
+        (
+            rmsprop_jax.rmsprop,
+            {"learning_rate": 0.1, "alpha": 0.99},
+            "'alpha' is PyTorch's name for the decay of S, which rmsprop_jax.rmsprop calls 'decay'",
+        ),
+        (
+            rmsprop_jax.rmsprop,
+            {"learning_rate": 0.1, "rho": 0.9},
+            "'rho' is Keras's name for the decay of S, which rmsprop_jax.rmsprop calls 'decay'",
+        ),
+        (
+            rmsprop_jax.rmsprop,
+            {"learning_rate": 0.1, "epsilon": 1e-7},
+            "'epsilon' is Keras's and TF1's name for eps, which rmsprop_jax.rmsprop calls 'eps'",
+        ),
+        (rmsprop_jax.rmsprop, {"learning_rate": 0.1, "beta": 0.9}, "which rmsprop_jax.rmsprop calls 'decay'"),
+        (
+            rmsprop_jax.scale_by_rms,
+            {"lr": 0.1},
+            "which rmsprop_jax.scale_by_rms does not apply: chain optax.scale_by_learning_rate",
+        ),
+        (rmsprop_jax.presets.keras, {"lr": 0.1}, "which rmsprop_jax.presets.keras calls 'learning_rate'"),
+        (rmsprop_jax.presets.pytorch, {"learning_rate": 0.1}, "which rmsprop_jax.presets.pytorch calls 'lr'"),
+        (rmsprop_jax.presets.tf1, {"learning_rate": 0.1, "eps": 1e-3}, "which rmsprop_jax.presets.tf1 calls 'epsilon'"),
+        (
+            rmsprop_jax.rmsprop,
+            {"learning_rate": 0.1, "nonsense": 1},
+            "unexpected keyword argument 'nonsense'; it takes: learning_rate, decay, eps,",
+        ),
+    ],
+)
+def test_other_frameworks_argument_names_are_translated(build, kwargs, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        build(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", jnp.bfloat16, np.dtype("bfloat16"), jnp.dtype("bfloat16")])
+def test_state_dtype_as_a_dtype_object_works_like_its_string(dtype):
+    import warnings
+
+    params = jnp.ones(3)
+    want = rmsprop_jax.rmsprop(0.1, state_dtype="bfloat16").init(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # JAX's "implicit conversion of an array to a dtype" deprecation included
+        state = rmsprop_jax.rmsprop(0.1, state_dtype=dtype).init(params)
+        assert state.nu.dtype == jnp.bfloat16
+        # optax.inject_hyperparams takes a dtype class for a schedule and passes an array of that dtype.
+        opt = optax.inject_hyperparams(rmsprop_jax.rmsprop)(learning_rate=0.1, state_dtype=dtype)
+        injected = opt.init(params)
+        _, injected = opt.update(jnp.full(3, 0.5), injected, params)
+        _, injected = jax.jit(opt.update)(jnp.full(3, 0.5), injected, params)
+    assert injected.inner_state.nu.dtype == want.nu.dtype
