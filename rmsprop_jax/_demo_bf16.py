@@ -7,7 +7,8 @@ rounded) with ``S`` in 8-bit codes (``state_dtype="int8"``, every leaf), the new
 parameters rounded three ways: to nearest (plain ``optax.apply_updates``, which drops every
 update below half a unit in the last place of the weight), or with
 ``rmsprop_jax.param_rounding("stochastic")`` or ``("compensated")`` chained last. The
-forward pass runs in float32 (float32 inputs times bfloat16 weights). Bytes per parameter
+forward pass runs in float32 (the bfloat16 weights converted, exactly); the gradients
+arrive in bfloat16, as the parameters. Bytes per parameter
 count every array of the trained parameters and optimizer state. (The fuller study, with
 more state formats and a second problem, is ``benchmarks/bf16_training.py``.)
 """
@@ -16,6 +17,7 @@ from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
+import jax.typing
 import numpy as np
 import optax
 
@@ -33,6 +35,11 @@ DECAY = 0.99
 PEAK_LR = 3e-3
 
 
+def loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+    """The MLP's loss computed in float32; the gradients come back in the parameters' dtype."""
+    return _digits.loss(jax.tree.map(lambda p: p.astype(jnp.float32), params), x, y)
+
+
 class Trained(NamedTuple):
     name: str
     final_loss: np.ndarray  # (seeds,): loss on the whole training set after the last step
@@ -41,11 +48,21 @@ class Trained(NamedTuple):
     state: Any  # the trained optimizer state, stacked per seed
 
 
+def cosine(steps: int) -> optax.Schedule:
+    """``optax.cosine_decay_schedule(PEAK_LR, steps)``, written with explicit dtypes."""
+
+    def schedule(count: jax.typing.ArrayLike) -> jax.Array:
+        t = jnp.minimum(count, jnp.int32(steps)).astype(jnp.float32) / steps
+        return PEAK_LR * 0.5 * (1 + jnp.cos(jnp.pi * t))
+
+    return schedule
+
+
 def optimizer(name: str, steps: int) -> tuple[Any, optax.GradientTransformation]:
     """``(parameter dtype, optimizer)`` of a configuration of :data:`CONFIGS`."""
     import rmsprop_jax
 
-    lr = optax.cosine_decay_schedule(PEAK_LR, steps)
+    lr = cosine(steps)
     if name == BASELINE:
         return jnp.float32, rmsprop_jax.rmsprop(lr, DECAY)
     opt = rmsprop_jax.rmsprop(lr, DECAY, state_dtype="int8", min_8bit_size=0)
@@ -66,12 +83,12 @@ def train(name: str, data: _digits.Split, params0: Any, idx: np.ndarray) -> Trai
 
         def step(carry: tuple[Any, Any], i: jax.Array) -> tuple[tuple[Any, Any], None]:
             params, state = carry
-            grads = jax.grad(_digits.loss)(params, x[i], y[i])
+            grads = jax.grad(loss)(params, x[i], y[i])
             updates, state = opt.update(grads, state, params)
             return (cast(Any, optax.apply_updates(params, updates)), state), None
 
         (params, state), _ = jax.lax.scan(step, (params, opt.init(params)), idx)
-        return params, state, _digits.loss(params, x, y)
+        return params, state, loss(params, x, y)
 
     params, state, final = jax.jit(jax.vmap(one))(params0, jnp.asarray(idx))
     seeds = idx.shape[0]

@@ -83,7 +83,8 @@ def run(
             grads[0]["w"] = grads[0]["w"].at[pixel, unit].set(g)
             updates, state = opt.update(grads, state, params)
             params = cast(list[dict[str, jax.Array]], optax.apply_updates(params, updates))
-            return (params, state), (updates[0]["w"][pixel, unit], g, _nu(state)[0]["w"][pixel, unit])
+            u = cast(list[dict[str, jax.Array]], updates)[0]["w"][pixel, unit]
+            return (params, state), (u, g, _nu(state)[0]["w"][pixel, unit])
 
         (params, _), (u, g, s) = jax.lax.scan(step, (params, opt.init(params)), (jnp.arange(steps), idx))
         return u, g, s, _digits.loss(params, x, y)

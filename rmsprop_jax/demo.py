@@ -373,7 +373,9 @@ def _span(values: Sequence[float], fmt: str) -> str:
 def _columns(rows: list[list[str]], widths: Sequence[int]) -> list[str]:
     """Rows of cells, the first column left-aligned and the others right-aligned, two spaces apart."""
     return [
-        "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(row, widths, strict=True)))
+        "  ".join(
+            c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
         for row in rows
     ]
 
@@ -513,10 +515,11 @@ def _rates_section(s: Sweep, lr_index: int, eps: float = 1e-8) -> str:
     return "\n".join(lines)
 
 
-def _compare(a: Sweep, b: Sweep) -> tuple[bool, bool, str]:
+def _compare(a: Sweep, b: Sweep, margin: float = 0.01) -> tuple[bool, bool, str]:
     """``a`` against ``b``, each at its best rate, by final test loss, steps to 95% and good-range width:
-    whether ``a`` is ahead (lower test loss on every seed, the runs being paired by seed, and behind on
-    no measure), whether ``b`` is, and the numbers in words."""
+    whether ``a`` is ahead (a mean test loss lower by more than ``margin`` (relative) and lower on every
+    seed, the runs being paired by seed, and behind on no measure), whether ``b`` is, and the numbers
+    in words."""
     i, j = best(a) or 0, best(b) or 0
     la, lb = float(mean_final(a, "test_loss")[i]), float(mean_final(b, "test_loss")[j])
     sa = steps_to(a.test_accuracy[:, i].mean(axis=0)) or math.inf
@@ -530,7 +533,8 @@ def _compare(a: Sweep, b: Sweep) -> tuple[bool, bool, str]:
         f"steps to 95% {sa:g} vs {sb:g}; good range x{a.learning_rates[ahi] / a.learning_rates[alo]:.3g} "
         f"vs x{b.learning_rates[bhi] / b.learning_rates[blo]:.3g}"
     )
-    return lower == seeds and min(signs) >= 0, lower == 0 and max(signs) <= 0, words
+    clear = abs(la - lb) > margin * min(la, lb)
+    return clear and lower == seeds and min(signs) >= 0, clear and lower == 0 and max(signs) <= 0, words
 
 
 def _advice(sweeps: list[Sweep], spikes: list[_demo_spike.Spiked], trained: list[_demo_bf16.Trained]) -> str:
