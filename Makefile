@@ -28,7 +28,8 @@ REQUIREMENTS = $(BIN)/python -c 'import sys, tomllib; p = tomllib.load(open("pyp
 $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	@echo "== Installing rmsprop_jax (editable) with its [$*] extra into $(VENV)/:"
 	@$(REQUIREMENTS) $* | fold -s -w 96 | sed 's/^/   /'
-	@echo "== A first install takes about 1-3 minutes (network permitting); later runs skip this step."
+	@echo "== pip fetches what is missing: about a minute or two for [demo] the first time, longer for the extras"
+	@echo "   with torch and tensorflow; later runs skip this step."
 	@start=$$(date +%s); \
 	$(BIN)/python -m pip install --disable-pip-version-check -e ".[$*]" && \
 	echo "== Installed [$*] into $(VENV)/ in $$(( $$(date +%s) - start )) s"

@@ -502,9 +502,9 @@ def _rates_section(s: Sweep, lr_index: int, eps: float = 1e-8) -> str:
     lo, hi = min(median, key=median.__getitem__), max(median, key=median.__getitem__)
     lines.append(
         f"Of the {int(live.sum())} parameters with S > 0, the quarter with the smallest sqrt(S) gets a median rate "
-        f"of {small:.3g}, the quarter with the largest {large:.3g} ({small / large:.3g}x less). By layer, {lo}'s "
-        f"median sqrt(S) is {median[hi] / median[lo]:.3g}x smaller than {hi}'s and its median rate "
-        f"{med_rate[lo] / med_rate[hi]:.3g}x larger. SGD gives every parameter the same rate, lr."
+        f"of {small:.3g}, the quarter with the largest {large:.3g} ({small / large:.3g}x less). Between layers the "
+        f"medians differ less: {lo}'s median sqrt(S) is {median[hi] / median[lo]:.3g}x below {hi}'s, its median rate "
+        f"{med_rate[lo] / med_rate[hi]:.3g}x above. SGD gives every parameter the same rate, lr."
     )
     dead = int((~live).sum())
     if dead:

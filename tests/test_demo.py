@@ -8,8 +8,11 @@ import math
 import os
 import pathlib
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+import tomllib
 from typing import Any
 
 import jax
@@ -668,8 +671,41 @@ def test_the_advice_names_a_setting_only_when_every_measure_and_seed_agree():
     # Lower on every seed but slower to 95%: no winner named either.
     torch = _labelled("presets.pytorch (alpha 0.99)", [0.08, 0.09, 0.10], 45, 3)
     assert "no clear winner" in demo._advice([rms, torch], [], [])
+    # The other way round, decay 0.9 is named.
+    torch = _labelled("presets.pytorch (alpha 0.99)", [0.12, 0.13, 0.14], 45, 1)
+    line = demo._advice([rms, torch], [], [])
+    assert line.startswith("2d. Use: decay 0.9 rather than 0.99 (presets.pytorch)"), line
+    assert "test loss 0.1100 vs 0.1300, lower on 3 of 3 seeds; steps to 95% 40 vs 45" in line
+    # eps: inside the root ahead on every seed and measure, then behind.
+    preset = _labelled("presets.optax (eps in root)", [0.09, 0.10, 0.11], 30, 2)
+    assert "eps inside the root (optax's, presets.optax), by a little" in demo._advice([rms, preset], [], [])
+    preset = _labelled("presets.optax (eps in root)", [0.12, 0.13, 0.14], 40, 1)
+    line = demo._advice([rms, preset], [], [])
+    assert "eps outside the root (the default), by a little" in line and "test loss 0.1100 vs 0.1300" in line
     # Within 1% on every seed: too close to call.
     preset = _labelled("presets.optax (eps in root)", [0.0999, 0.1099, 0.1199], 40, 1)
     assert "eps inside the root (optax's, presets.optax) or outside (the default): no clear winner" in demo._advice(
         [rms, preset], [], []
     )
+
+
+# ----------------------------------------------------------------------------- make demo's install
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_first_make_demo_says_what_it_installs(tmp_path):
+    venv = tmp_path / "venv"  # absent: make plans the whole install (-n: nothing runs)
+    plan = subprocess.run(
+        ["make", "-n", "demo", f"VENV={venv}"], capture_output=True, text=True, cwd=ROOT, check=True
+    ).stdout
+    assert f"== Installing rmsprop_jax (editable) with its [demo] extra into {venv}/" in plan
+    pip = next(line for line in plan.splitlines() if "-m pip install" in line)
+    assert "--quiet" not in pip and "-q " not in pip, pip  # pip's progress is shown
+    assert "Installed [demo]" in plan and "$(date +%s) - start" in plan  # and the time it took
+    # The list it prints is pyproject.toml's: the dependencies and the demo extra.
+    command = next(line for line in plan.splitlines() if "tomllib" in line)
+    command = command.replace(f"{venv}/bin/python", shlex.quote(sys.executable))
+    listed = subprocess.run(command, shell=True, capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    expected = [*project["dependencies"], *project["optional-dependencies"]["demo"]]
+    assert [r.strip() for r in " ".join(listed.split()).split(",")] == expected, listed
