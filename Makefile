@@ -14,11 +14,25 @@ XDIST ?= -n 2 --dist loadfile
 .PHONY: demo bench notebooks docs test pytest test-min test-min-all lint format typecheck clean
 
 $(BIN)/python:
+	@echo "== Creating the virtual environment $(VENV)/ with $(PYTHON) ($$($(PYTHON) --version))"
 	$(PYTHON) -m venv $(VENV)
 
-# One stamp per extra, redone whenever pyproject.toml changes.
+# The requirements an extra of pyproject.toml installs, nested extras expanded (python >= 3.11: tomllib).
+REQUIREMENTS = $(BIN)/python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	x = p["optional-dependencies"]; \
+	f = lambda e: [r for q in x[e] for r in (f(q[q.index("[") + 1 : -1]) if q.startswith(p["name"] + "[") else [q])]; \
+	print(", ".join(dict.fromkeys(p["dependencies"] + f(sys.argv[1]))))'
+
+# One stamp per extra, redone whenever pyproject.toml changes. A first install downloads
+# jax, jaxlib, scipy and the rest (a few hundred MB): pip prints each package as it goes.
 $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$*]"
+	@echo "== Installing rmsprop_jax (editable) with its [$*] extra into $(VENV)/:"
+	@$(REQUIREMENTS) $* | fold -s -w 96 | sed 's/^/   /'
+	@echo "== pip fetches what is missing: about a minute or two for [demo] the first time, longer for the extras"
+	@echo "   with torch and tensorflow; later runs skip this step."
+	@start=$$(date +%s); \
+	$(BIN)/python -m pip install --disable-pip-version-check -e ".[$*]" && \
+	echo "== Installed [$*] into $(VENV)/ in $$(( $$(date +%s) - start )) s"
 	@touch $@
 
 demo: $(VENV)/.installed-demo
@@ -59,8 +73,12 @@ $(VENV_MIN)/.installed: pyproject.toml tools/min_constraints.py
 	rm -rf $(VENV_MIN)
 	$(PYTHON_MIN) -m venv $(VENV_MIN)
 	$(VENV_MIN)/bin/python tools/min_constraints.py > $(VENV_MIN)/constraints.txt
-	$(VENV_MIN)/bin/python -m pip install --quiet --disable-pip-version-check \
-		--constraint $(VENV_MIN)/constraints.txt -e ".[demo]" $$($(VENV_MIN)/bin/python tools/min_constraints.py --tools)
+	@echo "== Installing rmsprop_jax [demo] into $(VENV_MIN)/ with every dependency at its lowest allowed version:"
+	@sed 's/^/   /' $(VENV_MIN)/constraints.txt
+	@start=$$(date +%s); \
+	$(VENV_MIN)/bin/python -m pip install --disable-pip-version-check \
+		--constraint $(VENV_MIN)/constraints.txt -e ".[demo]" $$($(VENV_MIN)/bin/python tools/min_constraints.py --tools) && \
+	echo "== Installed into $(VENV_MIN)/ in $$(( $$(date +%s) - start )) s"
 	@touch $@
 
 test-min: $(VENV_MIN)/.installed

@@ -112,14 +112,16 @@ class SweepLog(NamedTuple):
     batch_loss: jax.Array  # (seeds, rates, steps)
     test_accuracy: jax.Array  # (seeds, rates, steps), after each step
     final: dict[str, jax.Array]  # train/test loss and accuracy on the full sets, (seeds, rates) each
-    diagnostics: Any  # what ``diagnose(state, lr)`` returned after each step, (seeds, rates, steps, ...), or None
+    diagnostics: Any  # what ``diagnose(state, opt)`` returned after each step, (seeds, rates, steps, ...), or None
+    inspection: Any  # what ``inspect(state, opt)`` returned for the final state, (seeds, rates, ...), or None
 
 
 def make_sweep(
     make: Callable[[jax.Array], optax.GradientTransformation],
     data: Split,
-    diagnose: Callable[[Any, jax.Array], Any] | None = None,
+    diagnose: Callable[[Any, optax.GradientTransformation], Any] | None = None,
     on_epoch: Callable[[jax.Array, jax.Array], None] | None = None,
+    inspect: Callable[[Any, optax.GradientTransformation], Any] | None = None,
 ) -> Any:
     """A learning-rate sweep over several seeds as one jitted call: ``jax.vmap`` of whole training runs.
 
@@ -128,7 +130,9 @@ def make_sweep(
     axis) and ``idx``, of shape ``(seeds, epochs, steps, batch)``, each seed's mini-batches;
     every rate starts from its seed's weights and takes its seed's batches. ``make(lr)``
     builds the optimizer from a traced rate (so it is called once per trace, not once per
-    rate). ``on_epoch(epoch, test_accuracy)`` is called from the running computation at the
+    rate). ``diagnose(state, opt)`` is evaluated after every step and ``inspect(state,
+    opt)`` on the final state, with ``opt`` the optimizer ``make`` built.
+    ``on_epoch(epoch, test_accuracy)`` is called from the running computation at the
     end of each epoch, once per run (for progress bars).
     """
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
@@ -142,7 +146,7 @@ def make_sweep(
             value, grads = jax.value_and_grad(loss)(params, x_train[i], y_train[i])
             updates, state = opt.update(grads, state, params)
             params = cast(list[dict[str, jax.Array]], optax.apply_updates(params, updates))
-            diag = None if diagnose is None else diagnose(state, lr)
+            diag = None if diagnose is None else diagnose(state, opt)
             return (params, state), EpochLog(value, accuracy(params, x_test, y_test), diag)
 
         def epoch(carry: tuple[Any, Any], xs: tuple[jax.Array, jax.Array]) -> tuple[tuple[Any, Any], EpochLog]:
@@ -152,7 +156,7 @@ def make_sweep(
                 jax.debug.callback(on_epoch, xs[0], log.test_accuracy[-1])
             return carry, log
 
-        (params, _), log = jax.lax.scan(epoch, (params0, opt.init(params0)), (jnp.arange(idx.shape[0]), idx))
+        (params, state), log = jax.lax.scan(epoch, (params0, opt.init(params0)), (jnp.arange(idx.shape[0]), idx))
         log = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), log)  # (epochs, steps, ...) -> (all steps, ...)
         final = {
             "train_loss": loss(params, x_train, y_train),
@@ -160,6 +164,14 @@ def make_sweep(
             "test_loss": loss(params, x_test, y_test),
             "test_acc": accuracy(params, x_test, y_test),
         }
-        return SweepLog(log.batch_loss, log.test_accuracy, final, log.diagnostics)
+        inspection = None if inspect is None else inspect(state, opt)
+        return SweepLog(log.batch_loss, log.test_accuracy, final, log.diagnostics, inspection)
 
     return jax.jit(jax.vmap(jax.vmap(train, in_axes=(0, None, None)), in_axes=(None, 0, 0)))
+
+
+def step_indices(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """``steps`` mini-batches of indices, ``(steps, batch_size)``: whole shuffled epochs, one after another."""
+    per_epoch = n // batch_size
+    epochs = -(-steps // per_epoch)
+    return np.concatenate([epoch_indices(n, batch_size, rng) for _ in range(epochs)])[:steps]
