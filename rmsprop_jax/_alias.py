@@ -1,5 +1,7 @@
 """``rmsprop``: the complete optimizer, every convention an option."""
 
+from __future__ import annotations
+
 from typing import Any, Literal, NamedTuple
 
 import jax

@@ -1,5 +1,7 @@
 r"""Diagnostics: the per-element learning rate RMSprop applies, and its summary per leaf."""
 
+from __future__ import annotations
+
 import functools
 import inspect
 from typing import Any, NamedTuple

@@ -18,6 +18,8 @@ the two-buffer step. Whether packing pays off depends on that arithmetic and on 
 fusion decisions, so by default :func:`flat_init` asks XLA's cost model.
 """
 
+from __future__ import annotations
+
 from typing import Any, cast
 
 import jax
@@ -60,16 +62,16 @@ class FlatState:
       ((2, 2), (4,))
     """
 
-    def __init__(self, buffers: dict[str, Any], rest: tuple[Any, ...], layout: "_StateLayout") -> None:
+    def __init__(self, buffers: dict[str, Any], rest: tuple[Any, ...], layout: _StateLayout) -> None:
         self.buffers = buffers
         self.rest = rest
         self.layout = layout
 
-    def tree_flatten(self) -> tuple[tuple[Any, Any], "_StateLayout"]:
+    def tree_flatten(self) -> tuple[tuple[Any, Any], _StateLayout]:
         return (self.buffers, self.rest), self.layout
 
     @classmethod
-    def tree_unflatten(cls, layout: "_StateLayout", children: Any) -> "FlatState":
+    def tree_unflatten(cls, layout: _StateLayout, children: Any) -> FlatState:
         buffers, rest = children
         return cls(buffers, rest, layout)
 
@@ -79,7 +81,7 @@ class FlatState:
 
     @property
     def params(self) -> dict[str, jax.Array]:
-        """The flat parameters, one real 1-D buffer per dtype: differentiate with respect to these."""
+        """The flat parameters, one real 1-D buffer per dtype (differentiate with respect to these)."""
         packed = dict(self.layout.packed)
         return {k: jnp.real(b) if k in packed else b for k, b in self.buffers.items()}
 

@@ -25,6 +25,8 @@ the reachable value fewest representable steps from the target, and the compensa
 in its residual.
 """
 
+from __future__ import annotations
+
 import functools
 from typing import Any, NamedTuple
 

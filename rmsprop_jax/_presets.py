@@ -25,6 +25,8 @@ framework's scheduler becomes an optax schedule of ``count``:
   before ``minimize`` increments it: the same optax schedule.
 """
 
+from __future__ import annotations
+
 from typing import Any
 
 import jax

@@ -1,5 +1,7 @@
 """``scale_by_rms``: the RMSprop normalization as a composable building block."""
 
+from __future__ import annotations
+
 from typing import Any, Literal, NamedTuple
 
 import jax
