@@ -101,6 +101,7 @@ _ALIASES = {
 }
 autodoc_type_aliases = {
     "jax.typing.ArrayLike": "jax.typing.ArrayLike",
+    "jax.typing.DTypeLike": "jax.typing.DTypeLike",
     **{f"optax.{name}": target for name, target in _ALIASES.items()},
     # rmsprop_jax.presets imports optax as _optax (its function `optax` takes the name)
     **{f"_optax.{name}": target for name, target in _ALIASES.items()},
