@@ -223,19 +223,20 @@ def _limit_cases():
 
 
 def _rejected(kwargs):
-    if kwargs["eps"] != 0.0:
-        return False
+    """The message that refuses ``kwargs``, or None."""
     if kwargs["decay"] == 1.0 and kwargs["initial_scale"] == 0.0:
-        return True
-    return kwargs["centered"] and (kwargs["bias_correction"] or kwargs["decay"] == 0.0)
+        return r"decay=1\.0 with initial_scale=0\.0: S_t = S_\(t-1\) \+ 0 \* g\^2 stays 0 forever"
+    if kwargs["eps"] == 0.0 and kwargs["centered"] and (kwargs["bias_correction"] or kwargs["decay"] == 0.0):
+        return r"eps=0\.0 with centered=True"
+    return None
 
 
 @pytest.mark.parametrize("kwargs", _limit_cases())
 def test_limit_hyperparameters_match_reference(kwargs):
     """decay 0 and 1, eps 0, initial_scale 0 and 1: float64 against the reference, or a
-    ValueError at construction where every step would divide by zero."""
-    if _rejected(kwargs):
-        with pytest.raises(ValueError, match=r"eps=0\.0 with"):
+    ValueError at construction where every step would divide by zero or by eps alone."""
+    if message := _rejected(kwargs):
+        with pytest.raises(ValueError, match=message):
             rmsprop_jax.rmsprop(LR, **kwargs)
         return
     rng = np.random.default_rng(1)
