@@ -57,14 +57,15 @@ class StepContext(NamedTuple):
     scalars: Any  # the _kernel.StepScalars of the leaf's compute dtype
     g: jax.Array  # the gradient the EMA of S uses (compute dtype)
     bound: jax.Array | None  # per 8-bit block, a bound of |g|
+    layout: Any = None  # inside jax.shard_map, the shard's place in the array rounded (_stochastic_rounding.Layout)
 
     def salt(self, buffer: Buffer) -> int:
         """The stream of one buffer of this leaf: independent across buffers and leaves."""
         return 4 * self.leaf + int(buffer)
 
     def bits(self, buffer: Buffer, shape: tuple[int, ...]) -> jax.Array:
-        """Random bits for stochastic rounding, one uint32 per element of ``shape``."""
-        return _stochastic_rounding.random_bits(self.key, self.step, self.salt(buffer), shape)
+        """Random bits for stochastic rounding, one uint32 per element of ``shape``, keyed by its global index."""
+        return _stochastic_rounding.random_bits(self.key, self.step, self.salt(buffer), shape, self.layout)
 
 
 class _SameShape:
@@ -209,8 +210,16 @@ class FactoredCodec:
         return jax.ShapeDtypeStruct((*values.shape, aux.shape[-1]), values.dtype)
 
     def encode(self, row: jax.Array, col: jax.Array, ctx: StepContext) -> tuple[jax.Array, jax.Array]:
-        """The new statistics stored (already saturated by the step)."""
-        return self.rows.round(row, ctx), dataclasses.replace(self.rows, buffer=Buffer.COLUMNS).round(col, ctx)
+        """The new statistics stored (already saturated by the step).
+
+        Inside ``jax.shard_map`` the rows keep the parameter's split of every axis but the
+        last, the columns of every axis but the second-to-last (the step summed over those).
+        """
+        lay = ctx.layout
+        row_ctx = ctx if lay is None else ctx._replace(layout=lay[:-1])
+        col_ctx = ctx if lay is None else ctx._replace(layout=(*lay[:-2], lay[-1]))
+        columns = dataclasses.replace(self.rows, buffer=Buffer.COLUMNS)
+        return self.rows.round(row, row_ctx), columns.round(col, col_ctx)
 
 
 def _at_most_f32(x: jax.Array) -> jax.Array:

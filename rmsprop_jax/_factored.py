@@ -66,11 +66,13 @@ def update(
     return decay * row + one_minus_decay * new_row, decay * col + one_minus_decay * new_col
 
 
-def reconstruct(row: jax.Array, col: jax.Array) -> jax.Array:
+def reconstruct(row: jax.Array, col: jax.Array, row_axes: tuple[str, ...] = ()) -> jax.Array:
     r"""The full-shape estimate :math:`\hat S_{ij} = r_i c_j / \bar r`.
 
     Computed as :math:`(r_i / \bar r)\, c_j`: the ratio is at most :math:`n`, so nothing
-    overflows unless :math:`c` itself is near the top of the range.
+    overflows unless :math:`c` itself is near the top of the range. ``row_axes``: inside
+    ``jax.shard_map``, the manual mesh axes that split the rows (``row`` holds this
+    shard's); :math:`\bar r` is then the mean over all of them.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -80,13 +82,25 @@ def reconstruct(row: jax.Array, col: jax.Array) -> jax.Array:
       >>> bool(jnp.allclose(_factored.reconstruct(row, col), g2))
       True
     """
-    mean = _mean(row, -1, keepdims=True)
+    mean = _mean(row, -1, keepdims=True) if not row_axes else _shard_mean(row, -1, row_axes, keepdims=True)
     positive = mean > 0
     # XLA may divide by multiplying with the reciprocal, which flushes to 0 above 2**126: pre-scale.
     pre = _kernel.where(mean > 2.0**64, jnp.asarray(2.0**-64, mean.dtype), jnp.asarray(1.0, mean.dtype))
     safe_mean = _kernel.where(positive, mean * pre, jnp.ones_like(mean))
     ratio = _kernel.where(positive, (row * pre) / safe_mean, jnp.zeros_like(row))
     return ratio[..., :, None] * col[..., None, :]
+
+
+def _shard_mean(x: jax.Array, axis: int, axes: tuple[str, ...], keepdims: bool = False) -> jax.Array:
+    """:func:`_mean` over a dimension that the manual mesh ``axes`` split: each shard's sum, summed over the shards."""
+    inv = jnp.asarray(1.0 / max(x.shape[axis] * _shards(axes), 1), x.dtype)
+    return jax.lax.psum(jnp.sum(x * inv, axis=axis, keepdims=keepdims), axes)
+
+
+def _shards(axes: tuple[str, ...]) -> int:
+    """The number of shards the manual mesh ``axes`` split a dimension into."""
+    sizes = jax.sharding.get_abstract_mesh().shape
+    return math.prod(sizes[a] for a in axes)
 
 
 def state_elements(shape: tuple[int, ...]) -> int:
@@ -101,6 +115,7 @@ def normalize(
     scalars: Any,
     opts: Any,
     s_max: float,
+    split: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     r"""One factored RMSprop step for one leaf: ``(u, row_new, col_new)`` in the compute dtype.
 
@@ -112,6 +127,12 @@ def normalize(
     saturate at ``s_max`` instead of overflowing; as in the element-wise path, with
     ``eps = 0`` a zero gradient gets a zero update.
 
+    ``split``: inside ``jax.shard_map``, the manual mesh axes that split the rows and
+    the columns of ``g`` (this shard's part). Each mean of :math:`|g|^2` is then summed
+    over the shards of the axis it reduces (``jax.lax.psum``), so that the statistics
+    are those of the whole matrix, as under ``jax.jit`` (to float rounding: the sums
+    are added in another order).
+
     Unlike the full ``S``, the rank-1 estimate can be far below one element's own
     :math:`|g|^2` (an outlier in an otherwise quiet row and column), so that element's
     step can exceed the :math:`1/\sqrt{1-\rho}` bound of the element-wise path; Adafactor
@@ -119,20 +140,29 @@ def normalize(
     """
     top = jnp.asarray(s_max, row.dtype)
 
-    def mean_g2(x: jax.Array, axis: int) -> jax.Array:
-        # A plain square inside the sum (XLA:CPU materializes |g|^2 for anything more); an
-        # overflowed sum saturates afterwards.
+    def sum_g2(x: jax.Array, axis: int) -> jax.Array:
+        # A plain square inside the sum (XLA:CPU materializes |g|^2 for anything more).
         sq = x.real * x.real + x.imag * x.imag if jnp.iscomplexobj(x) else x * x
-        return _kernel.at_most(jnp.sum(sq, axis=axis) * jnp.asarray(1.0 / max(x.shape[axis], 1), top.dtype), top)
+        return jnp.sum(sq, axis=axis)
+
+    def mean(total: jax.Array, n: int, axes: tuple[str, ...]) -> jax.Array:
+        """The mean of ``n`` values per shard summed in ``total``; an overflowed sum saturates."""
+        if axes:  # add the other shards' parts of the rows (columns)
+            total, n = jax.lax.psum(total, axes), n * _shards(axes)
+        return _kernel.at_most(total * jnp.asarray(1.0 / max(n, 1), top.dtype), top)
 
     # The barrier keeps the two means apart: sharing one |g|^2, XLA:CPU would materialize
-    # it and the step would take five times longer.
-    row_mean = mean_g2(g, -1)
+    # it and the step would take five times longer. (Its outputs vary over every mesh axis
+    # any input varies over, so inside shard_map the row sums are added across shards after it.)
+    row_axes, col_axes = split
+    row_mean = sum_g2(g, -1) if col_axes else mean(sum_g2(g, -1), g.shape[-1], ())
     row_mean, g_again = jax.lax.optimization_barrier((row_mean, g))
-    col_mean = mean_g2(g_again, -2)
+    if col_axes:
+        row_mean = mean(row_mean, g.shape[-1], col_axes)
+    col_mean = mean(sum_g2(g_again, -2), g.shape[-2], row_axes)
     d, omd = scalars.decay, scalars.one_minus_decay
     row_new, col_new = _kernel.at_most(d * row + omd * row_mean, top), _kernel.at_most(d * col + omd * col_mean, top)
-    v = _kernel.at_most(reconstruct(row_new, col_new), top)
+    v = _kernel.at_most(reconstruct(row_new, col_new, row_axes), top)
     if scalars.debias is not None:
         v = v / scalars.debias
     den = _kernel.denominator(v, scalars.eps, opts.eps_in_sqrt)

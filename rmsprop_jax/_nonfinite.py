@@ -14,6 +14,11 @@
 
 The counter is an int32 scalar that saturates; it is ``optax.EmptyState()`` for
 ``"propagate"``, so that mode's state holds no extra array.
+
+Inside ``jax.shard_map`` each device sees its shard of the gradients; the decision is
+still the whole mesh's, as under ``jax.jit``: the "all finite" flag is reduced over every
+manual mesh axis (``jax.lax.pmin``), so that one NaN anywhere skips (or counts) the step on
+every device, and the counter stays the same on all of them.
 """
 
 from collections.abc import Sequence
@@ -64,6 +69,9 @@ def screen(mode: str, grads: Sequence[jax.Array]) -> tuple[list[jax.Array], jax.
     all_finite = jnp.asarray(True)
     for f in finite:
         all_finite = all_finite & jnp.all(f)
+    manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    if manual:  # inside jax.shard_map: the whole mesh decides
+        all_finite = jax.lax.pmin(all_finite.astype(jnp.int32), manual) == 1
     if mode == "zero":
         grads = [_kernel.where(f, g, jnp.zeros_like(g)) for f, g in zip(finite, grads, strict=True)]
     return grads, all_finite

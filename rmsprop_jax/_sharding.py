@@ -1,10 +1,23 @@
-"""Optimizer-state sharding over the data axis (ZeRO-1 style) for replicated parameters."""
+"""Where the optimizer's arrays live and how they travel.
+
+* :func:`zero1_shardings`: optimizer-state sharding over the data axis (ZeRO-1 style)
+  for replicated parameters.
+* Serialization names for ``jax.export``: an exported function records the tree
+  structure of its inputs and outputs, and ``Exported.serialize()`` can write a
+  ``NamedTuple`` only under a registered name. The state types are registered when
+  ``rmsprop_jax`` is imported (this module is imported last, after the modules that
+  define them), so that a training step taking and returning the optimizer state
+  serializes, and deserializes in any process that imports ``rmsprop_jax``.
+"""
 
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rmsprop_jax import _alias, _param_rounding, _storage, _transform
 
 
 def _spec_entries(leaf: Any, ndim: int) -> list[Any]:
@@ -75,3 +88,42 @@ def zero1_shardings(state: Any, mesh: Mesh, axis: str) -> Any:
         return NamedSharding(mesh, PartitionSpec(*spec))
 
     return jax.tree.map(leaf_sharding, state)
+
+
+# ----- serialization names for jax.export -----
+
+# Stable: these names are written into serialized exports, so changing one breaks every file
+# that holds it.
+EXPORT_NAMES: dict[type, str] = {
+    _alias.RmspropState: "rmsprop_jax.RmspropState",
+    _transform.ScaleByRmsState: "rmsprop_jax.ScaleByRmsState",
+    _param_rounding.ParamRoundingState: "rmsprop_jax.ParamRoundingState",
+    _storage.StoredBuffer: "rmsprop_jax.StoredBuffer",
+    # optax's empty state fills every absent buffer of our states. optax 0.2.8 registers no
+    # serialization for it; it is registered here under optax's own name unless something
+    # imported earlier (optax itself, in a later version) already did, which is then kept.
+    optax.EmptyState: "optax.EmptyState",
+}
+
+
+def register_for_export(nodetype: type, name: str) -> bool:
+    """Registers the NamedTuple ``nodetype`` for ``jax.export`` serialization as ``name``.
+
+    Returns False, registering nothing, when the type (or the name) is registered
+    already: by its own library, by another one imported earlier, or by an earlier
+    import of this module. ``jax.export`` raises on a second registration, so each
+    library that registers a type it does not own must guard the call as this one does;
+    a library that registers ``optax.EmptyState`` without such a guard after
+    ``rmsprop_jax`` was imported fails at its import.
+    """
+    try:
+        jax.export.register_namedtuple_serialization(nodetype, serialized_name=name)
+    except ValueError as e:
+        if "Duplicate serialization registration" not in str(e):
+            raise
+        return False
+    return True
+
+
+for _type, _name in EXPORT_NAMES.items():
+    register_for_export(_type, _name)

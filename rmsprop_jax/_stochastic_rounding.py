@@ -13,7 +13,8 @@ index, a key kept in the optimizer state, the step count and a per-buffer salt. 
 8-bit ``S`` hashes the element's own inputs with that seed instead of its index,
 see ``_quantize.ema_step``: the index costs several operations per element there.) They
 are reproducible (the same state and step give the same bits, on any device layout: the
-index is the global one) and cheap (a few integer operations per element, against
+index is the global one, also inside ``jax.shard_map`` when the caller says where its
+shard sits, see :func:`random_bits`) and cheap (a few integer operations per element, against
 tens for ``jax.random.bits``' threefry, which would dominate the optimizer step on CPU).
 """
 
@@ -50,12 +51,37 @@ def new_key(seed: int) -> jax.Array:
     return jnp.asarray([s & 0xFFFFFFFF, (s >> 32) & 0xFFFFFFFF], jnp.uint32)
 
 
-def _flat_index(shape: tuple[int, ...]) -> jax.Array:
-    """The row-major index of every element, as uint32 (wrapping above 2**32 elements)."""
-    return jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+# Where a shard sits inside ``jax.shard_map``: per dimension of the local array, the manual
+# mesh axes that split it (major to minor, as in a PartitionSpec entry), () where it is whole.
+Layout = tuple[tuple[str, ...], ...]
 
 
-def random_bits(key: jax.Array, count: jax.Array, salt: int, shape: tuple[int, ...]) -> jax.Array:
+def _flat_index(shape: tuple[int, ...], layout: Layout | None = None) -> jax.Array:
+    """The row-major index of every element, as uint32 (wrapping above 2**32 elements).
+
+    With a ``layout`` (inside ``jax.shard_map``), ``shape`` is one shard's and the index
+    is the element's position in the whole array: each split dimension's coordinate is
+    offset by the shard's position along it (``jax.lax.axis_index`` of its axes).
+    """
+    if layout is None or not any(layout):
+        return jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    sizes = jax.sharding.get_abstract_mesh().shape
+    index, stride = jnp.zeros(shape, jnp.uint32), 1
+    for d in reversed(range(len(shape))):
+        coord = jax.lax.broadcasted_iota(jnp.uint32, shape, d)
+        shard = 0
+        for axis in layout[d]:
+            shard = shard * sizes[axis] + jax.lax.axis_index(axis)
+        if layout[d]:
+            coord = coord + jnp.asarray(shard).astype(jnp.uint32) * _u32(shape[d])
+        index = index + coord * _u32(stride)
+        stride = stride * shape[d] * math.prod(sizes[a] for a in layout[d])
+    return index
+
+
+def random_bits(
+    key: jax.Array, count: jax.Array, salt: int, shape: tuple[int, ...], layout: Layout | None = None
+) -> jax.Array:
     """Uniform uint32 bits of ``shape``, a pure function of ``(key, count, salt)`` and the index.
 
     The scalars are hashed into one 32-bit seed per call; each element's bits are the
@@ -68,11 +94,16 @@ def random_bits(key: jax.Array, count: jax.Array, salt: int, shape: tuple[int, .
       salt: a static integer that separates streams within one step (one per buffer
         and leaf), so that the roundings of different buffers are independent.
       shape: the shape of the array to round.
+      layout: inside ``jax.shard_map``, which manual mesh axes split each dimension of
+        the shard ``shape`` describes (see :data:`Layout`): the index is then the
+        element's position in the whole array, so that every shard draws the bits
+        ``jax.jit`` draws for the same elements. None (or no split dimension): the
+        array is whole.
 
     Returns:
       A uint32 array of ``shape``.
     """
-    return element_hash(_flat_index(shape) ^ step_seed(key, count, salt))
+    return element_hash(_flat_index(shape, layout) ^ step_seed(key, count, salt))
 
 
 def step_seed(key: jax.Array, count: jax.Array, salt: int) -> jax.Array:

@@ -93,12 +93,18 @@ def full_reduced(param: Any, shape: tuple[int, ...], value: Any, dtype: Any, dro
     ties the constant to a plain reduction of the parameter, whose sharding XLA derives
     from the parameter's (the reduction is then dead code); outside jit a
     ``NamedSharding`` of the parameter is carried over, dropping the reduced axis's split
-    (or, for scales, keeping it where the block count divides evenly).
+    (or, for scales, keeping it where the block count divides evenly). Under jit with
+    explicit mesh axes (sharding in types) the parameter's type carries that split, and
+    the constant's type gets the same.
     """
     out = jnp.full(shape, value, dtype)
     if isinstance(param, Tracer):
         if param.ndim == 0 or param.size == 0:
             return out
+        typed = getattr(jax.typeof(param), "sharding", None)
+        if isinstance(typed, jax.sharding.NamedSharding) and any(e is not None for e in typed.spec):
+            spec = _reduced_spec(list(typed.spec), param.ndim, shape, drop, typed.mesh.shape)
+            return jax.sharding.reshard(out, jax.sharding.NamedSharding(typed.mesh, jax.sharding.PartitionSpec(*spec)))
         real = param.real if jnp.iscomplexobj(param) else param
         if drop is None:
             blocks, _, _ = _quantize.blocked(real, shape[-1])
@@ -110,15 +116,20 @@ def full_reduced(param: Any, shape: tuple[int, ...], value: Any, dtype: Any, dro
     sharding = getattr(param, "sharding", None)
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return out
-    ndim = np.ndim(param)
-    spec = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
+    spec = _reduced_spec(list(sharding.spec), np.ndim(param), shape, drop, sharding.mesh.shape)
+    return jax.device_put(out, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec)))
+
+
+def _reduced_spec(spec: list[Any], ndim: int, shape: tuple[int, ...], drop: int | None, sizes: Any) -> list[Any]:
+    """The parameter's spec entries for the reduced array of ``shape`` (see :func:`full_reduced`)."""
+    spec = spec + [None] * (ndim - len(spec))
     if drop is not None:
         del spec[drop % ndim]
     elif spec and spec[-1] is not None:
         names = spec[-1] if isinstance(spec[-1], tuple) else (spec[-1],)
-        if shape[-1] % math.prod(sharding.mesh.shape[n] for n in names):
+        if shape[-1] % math.prod(sizes[n] for n in names):
             spec[-1] = None
-    return jax.device_put(out, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec)))
+    return spec
 
 
 def decode_leaf(values: Any, aux: Any) -> jax.Array:
