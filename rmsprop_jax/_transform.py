@@ -51,7 +51,7 @@ def scale_by_rms(
     min_8bit_size: int | None = None,
     factored: bool = False,
     rounding_seed: int | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Rescales updates by the root of an EMA of their squared magnitude.
 
     Let :math:`g_t` be the incoming update (the gradient), :math:`\rho_t` the
@@ -135,7 +135,7 @@ def scale_by_rms(
         ``None``: 0.
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`ScaleByRmsState`.
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`ScaleByRmsState`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, rmsprop_jax
@@ -158,4 +158,4 @@ def scale_by_rms(
       <https://arxiv.org/abs/1308.0850>`_, 2013.
     """
     cfg = RmsConfig(**locals())  # the arguments above, every one checked there
-    return optax.GradientTransformation(*_step.transformation(cfg, ScaleByRmsState))
+    return optax.GradientTransformationExtraArgs(*_step.transformation(cfg, ScaleByRmsState))

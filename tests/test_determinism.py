@@ -117,3 +117,21 @@ def test_scale_by_rms_jit_and_eager_agree_within_one_ulp():
     params, grads = _problem(seed=2)
     tx = optax.chain(rmsprop_jax.scale_by_rms(decay=0.95, centered=True), optax.scale(-1e-2))
     assert _max_ulp(_trajectory(tx, tx.update, params, grads), _trajectory(tx, jax.jit(tx.update), params, grads)) <= 1
+
+
+def test_eager_inject_hyperparams_equals_its_jitted_step_and_compiles_once():
+    # Eagerly, optax.inject_hyperparams builds the optimizer from new arrays every step; the step is
+    # still one compiled computation (the arrays are its arguments), so it equals the jitted one.
+    from rmsprop_jax import _step
+
+    params, grads = _problem(seed=3)
+    params = {"w": params["w"]}
+    grads = [{"w": g["w"]} for g in grads]
+    opt = optax.inject_hyperparams(rmsprop_jax.rmsprop, static_args=("centered",))(
+        learning_rate=_cosine, decay=0.9, momentum=0.9, weight_decay=1e-2, centered=True
+    )
+    _step._with_array_hyperparameters.cache_clear()
+    eager = _trajectory(opt, opt.update, params, grads)
+    assert _step._with_array_hyperparameters.cache_info().misses == 1
+    jitted = _trajectory(opt, jax.jit(opt.update), params, grads)
+    assert _max_ulp(eager, jitted) == 0
