@@ -60,16 +60,16 @@ def meta_loss(
     """The loss after K steps; ``x`` is the hyperparameters named in ``names``, then the flat initial parameters."""
     hyper = dict(zip(names, x[: len(names)], strict=True))
     opt = make(**hyper)
-    theta = x[len(names) :].reshape(SHAPE).astype(param_dtype)
+    theta: jax.Array = x[len(names) :].reshape(SHAPE).astype(param_dtype)
     state = opt.init(theta)
     for t in range(K):
-        g = jax.grad(_loss)(theta.astype(x.dtype), t)
+        g: jax.Array = jax.grad(_loss)(theta.astype(x.dtype), t)
         if maximize:
             g = -g
         if nonfinite and t == NAN_AT[0]:
             g = g.at[NAN_AT[1]].set(jnp.nan)
         updates, state = opt.update(g.astype(param_dtype), state, theta)
-        theta = optax.apply_updates(theta, updates)
+        theta = jnp.asarray(optax.apply_updates(theta, updates))
     return _loss(theta.astype(x.dtype), K)
 
 
@@ -83,8 +83,8 @@ DEAD_STEP = 1e-13
 
 
 def _schedules(learning_rate: Any, decay: Any, **kw: Any) -> optax.GradientTransformation:
-    def power(base: float, c: jax.Array) -> jax.Array:
-        return base ** c.astype(learning_rate.dtype)
+    def power(base: float, c: Any) -> jax.Array:
+        return base ** jnp.asarray(c).astype(learning_rate.dtype)
 
     return rmsprop_jax.rmsprop(lambda c: learning_rate * power(0.8, c), lambda c: decay - 0.1 * power(0.5, c), **kw)
 
@@ -198,7 +198,7 @@ def test_a_zero_root_gives_the_limit_not_nan():
 
     def u(g: jax.Array) -> jax.Array:
         opt = rmsprop_jax.scale_by_rms(eps=1e-3)
-        return opt.update(g, opt.init(g))[0]
+        return jnp.asarray(opt.update(g, opt.init(g))[0])
 
     g = jnp.asarray([0.0, 2.0])
     jac = jax.jacrev(u)(g)
