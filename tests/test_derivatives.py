@@ -210,9 +210,11 @@ def test_a_zero_root_gives_the_limit_not_nan():
 
 CENTERED_MOMENTUM = (("centered", True), ("momentum", 0.9))
 LOW_PRECISION: dict[str, tuple[dict[str, Any], tuple[tuple[str, Any], ...], float]] = {
-    # name: (storage options, the options shared with the float32 reference, relative tolerance)
-    "bf16_nearest": ({"state_dtype": jnp.bfloat16}, CENTERED_MOMENTUM, 0.01),
-    "bf16_stochastic": ({"state_dtype": jnp.bfloat16, "stochastic_rounding": True}, CENTERED_MOMENTUM, 0.03),
+    # name: (storage options, the options shared with the float32 reference, relative tolerance).
+    # The largest errors are the dead element's: its derivative at the second step is a difference
+    # of two terms that cancel exactly with float32 state, so the rounding of S shows in it.
+    "bf16_nearest": ({"state_dtype": jnp.bfloat16}, CENTERED_MOMENTUM, 0.02),
+    "bf16_stochastic": ({"state_dtype": jnp.bfloat16, "stochastic_rounding": True}, CENTERED_MOMENTUM, 0.02),
     "f16_stochastic": ({"state_dtype": jnp.float16, "stochastic_rounding": True}, (("eps", 1e-4),), 0.01),
     "int8": ({"state_dtype": "int8", "min_8bit_size": 0}, CENTERED_MOMENTUM, 0.05),
     "factored_bf16_stochastic": (
@@ -247,10 +249,17 @@ def _float32_state(options: tuple[tuple[str, Any], ...], start_16_bit: bool = Fa
     return _f32_meta_gradient(dict(options), start=start)
 
 
-def _relative_error(got: np.ndarray, want: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Per derivative, the error relative to the largest: derivatives scaled by their variable (d/d log x)."""
-    scaled = np.abs(want * x)
-    return np.abs((got - want) * x) / scaled.max()
+def _relative_error(got: np.ndarray, want: np.ndarray, dead: bool = True) -> float:
+    """The largest relative error of the learning rate's and the decay's derivatives, the initial
+    parameters' (relative to the largest of them) and the dead element's (unless ``dead`` is False)."""
+    errors = list(np.abs(got[:2] - want[:2]) / np.abs(want[:2]))
+    theta = np.arange(got.size) >= 2
+    i = 2 + _index(DEAD)
+    theta[i] = False
+    errors.append(np.abs(got[theta] - want[theta]).max() / np.abs(want[theta]).max())
+    if dead:
+        errors.append(abs(got[i] - want[i]) / abs(want[i]))
+    return float(max(errors))
 
 
 @pytest.mark.parametrize("name", list(LOW_PRECISION))
@@ -259,11 +268,9 @@ def test_rounded_state_differentiates_like_float32_state(name):
     got = _f32_meta_gradient({**storage, **dict(shared)})
     want = _float32_state(shared)
     assert np.all(np.isfinite(got)), got
-    x = np.asarray([0.01, 0.9, *np.ones(THETA0.size)])
-    if "int8" in name:  # 8-bit momentum cannot carry one element's own derivative (the dead one's 1/eps)
-        x[2 + _index(DEAD)] = 0.0
-    err = _relative_error(got, want, x)
-    assert err.max() < tol, (err.max(), got[:2], want[:2])
+    # 8-bit momentum cannot carry one element's own derivative (the dead element's 1/eps).
+    err = _relative_error(got, want, dead="int8" not in name)
+    assert err < tol, (err, got[:2], want[:2])
 
 
 @pytest.mark.parametrize("mode", ["stochastic", "compensated"])
@@ -271,6 +278,5 @@ def test_param_rounding_differentiates_like_float32_parameters(mode):
     got = _f32_meta_gradient({}, rmsprop_jax.param_rounding(mode), jnp.bfloat16, THETA0)
     want = _float32_state((), start_16_bit=True)
     assert np.all(np.isfinite(got))
-    x = np.asarray([0.01, 0.9, *np.ones(THETA0.size)])
-    err = _relative_error(got, want, x)
-    assert err.max() < 0.02, err.max()
+    err = _relative_error(got, want)
+    assert err < 0.03, err
