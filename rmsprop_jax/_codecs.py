@@ -152,7 +152,9 @@ class Int8Codec(_SameShape):
 
     def encode(self, x: jax.Array, stored: tuple[Any, Any], ctx: StepContext) -> tuple[jax.Array, jax.Array]:
         bits = ctx.bits(self.buffer, stored[0].shape) if self.stochastic else None
-        return _quantize.quantize(x, self.block_size, self.fmt, bits, self.scale(stored, ctx))
+        scale = jax.lax.stop_gradient(self.scale(stored, ctx))  # it only picks the codes
+        codes, scales = _quantize.quantize(jax.lax.stop_gradient(x), self.block_size, self.fmt, bits, scale)
+        return codes, _quantize.carry_derivative(scales, x, codes, self.fmt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,14 +181,16 @@ class Int8EmaCodec(Int8Codec):
     fmt: _quantize.Format = _quantize.UNSIGNED
 
     def keep(self, stored: tuple[Any, Any], ctx: StepContext) -> Any:
-        codes, scales = stored
+        codes, scales = jax.lax.stop_gradient(stored)
 
         def store(x: jax.Array) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-            d, omd = ctx.scalars.decay, ctx.scalars.one_minus_decay
+            # The codes and scales come from inputs without derivatives; x's reaches them by carry_derivative.
+            d, omd, g = jax.lax.stop_gradient((ctx.scalars.decay, ctx.scalars.one_minus_decay, ctx.g))
             upper, lower = _nu_range_bound(codes, scales, ctx.bound, d, omd)
             seed = _stochastic_rounding.step_seed(ctx.key, ctx.step, ctx.salt(self.buffer)) if self.stochastic else None
-            new = _quantize.ema_step(codes, scales, d, omd, ctx.g, seed, upper, lower)
-            return new, _quantize.dequantize(*new, self.fmt).astype(x.dtype)
+            new = _quantize.ema_step(codes, scales, d, omd, g, seed, upper, lower)
+            decoded = _kernel.with_tangent(_quantize.dequantize(*new, self.fmt).astype(x.dtype), x)
+            return (new[0], _quantize.carry_derivative(new[1], x, new[0], self.fmt)), decoded
 
         return store
 
@@ -250,6 +254,7 @@ def grad_block_bound(g: jax.Array, block_size: int, param: Any = None, weight_de
     the triangle inequality: exact without weight decay, at most twice the maximum
     with it.
     """
+    g, param, weight_decay = jax.lax.stop_gradient((g, param, weight_decay))  # it only picks 8-bit scales
     m = _abs_max(g, block_size)
     if param is not None and weight_decay is not None:
         m = m + jnp.abs(weight_decay.astype(jnp.float32)) * _abs_max(param, block_size)

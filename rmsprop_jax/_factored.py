@@ -166,7 +166,4 @@ def normalize(
     if scalars.debias is not None:
         v = v / scalars.debias
     den = _kernel.denominator(v, scalars.eps, opts.eps_in_sqrt)
-    u = jax.lax.complex(g.real / den, g.imag / den) if jnp.iscomplexobj(g) else g / den
-    if opts.eps_may_be_zero:
-        u = _kernel.where(g == 0, jnp.zeros_like(u), u)
-    return u, row_new, col_new
+    return _kernel.quotient(g, den, opts.eps_may_be_zero), row_new, col_new

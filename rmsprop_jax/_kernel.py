@@ -19,6 +19,7 @@ cost a handful of element-wise operations inside the one fused pass; the update 
 only ``g`` and the new state, so XLA needs no copy of the donated state.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -93,8 +94,8 @@ def step_scalars(
     debias = 1 - d ** new_count.astype(dtype) if bias_correction else None
     p = omd if debias is None else omd / debias
     rest = d if debias is None else debias - omd  # b (1 - p); 0 on a first debiased step, where v_1 = 0
-    k = where(rest > 0, jnp.sqrt(omd / where(rest > 0, rest, 1)), 0)
-    bounds = jnp.sqrt(p), k if debias is None else k / debias
+    k = where(rest > 0, sqrt(omd / where(rest > 0, rest, 1)), 0)
+    bounds = sqrt(p), k if debias is None else k / debias
     descent_scalars = (None if x is None else scalar(x, dtype) for x in descent)
     return StepScalars(d, omd, scalar(eps, dtype), debias, *bounds, *descent_scalars)
 
@@ -156,6 +157,112 @@ def at_most(x: jax.Array, top: Any) -> jax.Array:
     return where(x > top, top, x)
 
 
+# Derivatives. The step differentiates (jax.grad, jax.jvp, jax.jacfwd) with a finite derivative
+# wherever the mathematics has one (docs/numerics.md, "Derivatives"). The functions below compute
+# what jnp's do, bit for bit, with the derivative rules: the limit where autodiff gives NaN
+# (sqrt, magnitude, quotient), the identity for roundings (straight_through), and fewer
+# instructions than autodiff of XLA's maximum (maximum).
+
+
+@jax.custom_jvp
+def sqrt(x: jax.Array) -> jax.Array:
+    """``jnp.sqrt``, whose derivative is 0 where ``x == 0`` instead of ``inf`` (``inf * 0 = NaN``).
+
+    The root of the denominator is 0 only where ``S`` (or the centered variance) is 0, and
+    then the update's derivative is finite and does not involve the root's: ``S >= (1 - rho)
+    |g|^2`` makes ``g = 0`` there, and ``g d sqrt(S)`` tends to 0 (``|g| / sqrt(S)`` stays
+    at most ``1 / sqrt(1 - rho)`` while ``dS`` tends to 0 with ``g``).
+    """
+    return jnp.sqrt(x)
+
+
+@sqrt.defjvp
+def _sqrt_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    (x,), (dx,) = primals, tangents
+    y = jnp.sqrt(x)
+    return y, dx * where(x > 0, 0.5 / y, 0)
+
+
+@jax.custom_jvp
+def maximum(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``jnp.maximum`` (NaN kept), differentiated as the operand it picks (``a`` on a tie): one select,
+    where autodiff of XLA's maximum adds compares, selects and divisions to split ties evenly."""
+    return jnp.maximum(a, b)
+
+
+@maximum.defjvp
+def _maximum_jvp(
+    primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    (a, b), (da, db) = primals, tangents
+    return jnp.maximum(a, b), where(a >= b, da, db)
+
+
+@jax.custom_jvp
+def magnitude(x: jax.Array) -> jax.Array:
+    """``|x|``, differentiated as ``sign(x) dx`` (real) or ``Re(conj(x) dx) / |x|`` (complex, 0 at 0, not NaN)."""
+    return jnp.abs(x)
+
+
+@magnitude.defjvp
+def _magnitude_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    (x,), (dx,) = primals, tangents
+    y = jnp.abs(x)
+    if jnp.iscomplexobj(x):
+        return y, where(y > 0, 1 / y, 0) * (x.real * dx.real + x.imag * dx.imag)
+    return y, jnp.sign(x) * dx
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def quotient(g: jax.Array, den: jax.Array, zero_at_zero: bool) -> jax.Array:
+    """``g / den`` for a real positive ``den``; with ``zero_at_zero``, 0 where ``g == 0`` (also over ``den = 0``).
+
+    Its derivative is ``(dg - u dden) / den``, and 0 where ``den = 0`` (only possible with
+    ``eps = 0``, at a zero gradient on a zero average, where the update jumps from 0 to
+    ``sign(g) / sqrt(1 - rho)``). Autodiff of the select would drop ``dg / den`` where
+    ``g == 0`` and ``den > 0`` (a zero gradient's update still moves with ``g``), and give
+    NaN where ``den = 0``.
+    """
+    u = divide(g, den)
+    if zero_at_zero:
+        u = where(g == 0, jnp.zeros_like(u), u)
+    return u
+
+
+@quotient.defjvp
+def _quotient_jvp(
+    zero_at_zero: bool, primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    (g, den), (dg, dden) = primals, tangents
+    u = quotient(g, den, zero_at_zero)
+    inv = 1 / den
+    if zero_at_zero:  # a select of the coefficient, not of the tangent: its transpose would divide 0 by 0
+        inv = where(den > 0, inv, 0)
+    return u, scale(inv, dg - scale(dden, u))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def straight_through(fn: Callable[..., jax.Array], x: jax.Array, *args: Any) -> jax.Array:
+    """``fn(x, *args)`` (a rounding of ``x``), differentiated as the identity in ``x``; ``args`` carry no derivative.
+
+    The primal is ``fn``'s own code, bit for bit.
+    """
+    return fn(x, *args)
+
+
+@straight_through.defjvp
+def _straight_through_jvp(
+    fn: Callable[..., jax.Array], primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[jax.Array, jax.Array]:
+    y = fn(*primals)
+    return y, tangents[0].astype(y.dtype)
+
+
+def with_tangent(y: jax.Array, x: jax.Array) -> jax.Array:
+    """``y`` (a rounding of ``x``, computed from inputs that carry no derivative), with ``x``'s derivative."""
+    return straight_through(lambda _, value: value, x, y)
+
+
 def rms_normalize(
     g: jax.Array,
     nu: jax.Array,
@@ -205,7 +312,9 @@ def rms_normalize(
     # Where that overflowed (or is nan: (1 - rho) * inf at rho = 1), redo it with
     # (1 - rho) applied before the second factor of g, and saturate (XLA's minimum keeps
     # nan, as at_most does, in one instruction): never inf.
-    nu_new = where(nu_raw <= top, nu_raw, jnp.minimum(decayed + _weighted_abs_sq(omd, g), top))
+    # Differentiated as a saturation: nu_raw's derivative where it fits, 0 where S saturated.
+    recomputed = jnp.minimum(jax.lax.stop_gradient(decayed + _weighted_abs_sq(omd, g)), top)
+    nu_new = where(nu_raw <= top, nu_raw, recomputed)
     saturated = nu_new >= top
     mu_new = None
     if mu is not None:  # centered
@@ -224,9 +333,9 @@ def rms_normalize(
     # The textbook denominator.
     var = nu_new if b is None else nu_new / b
     if mu_new is not None:
-        var = jnp.maximum(var - abs_sq(mu_new if b is None else divide(mu_new, b)), 0)
+        var = maximum(var - abs_sq(mu_new if b is None else divide(mu_new, b)), jnp.zeros_like(var))
     # With eps outside the root, ``den`` is sqrt(v) until eps is added at the end.
-    den = root(var, s.eps, opts.eps_in_sqrt)
+    den = root(var, s.eps, opts.eps_in_sqrt, not opts.eps_may_be_zero)
 
     # Where the stored S saturated (or S / (1 - rho^t) would overflow) ...
     special = None  # None: everywhere (a rounded S may fall below the bound at any element)
@@ -252,30 +361,34 @@ def rms_normalize(
         else:
             # max(den, bound or 0) equals where(special, max(den, bound), den) for den, bound >= 0,
             # and reads den once: XLA then fuses S and the step into one loop (see _flat_mode.py).
-            den = jnp.maximum(den, where(special, bound, jnp.zeros_like(bound)))
+            den = maximum(den, where(special, bound, jnp.zeros_like(bound)))
     else:
         x = nu_new
         if mu_new is not None:
-            x = jnp.maximum(nu_new - abs_sq(mu_new) / b, 0)
+            x = maximum(nu_new - abs_sq(mu_new) / b, jnp.zeros_like(nu_new))
         # sqrt(x / b (+ eps)) = sqrt(x (+ eps b)) / sqrt(b): no overflow for x <= max.
-        safe = jnp.maximum(
-            root(x, s.eps * b if opts.eps_in_sqrt else s.eps, opts.eps_in_sqrt) * jax.lax.rsqrt(b), bound
+        safe = maximum(
+            root(x, s.eps * b if opts.eps_in_sqrt else s.eps, opts.eps_in_sqrt, not opts.eps_may_be_zero)
+            * jax.lax.rsqrt(b),
+            bound,
         )
         den = safe if special is None else where(special, safe, den)
-    u = divide(g, add_eps(den, s.eps, opts.eps_in_sqrt))
-    if opts.eps_may_be_zero:
-        # With eps = 0 a zero gradient on a zero average is 0/0; define its step as 0.
-        u = where(g == 0, jnp.zeros_like(u), u)
-    return u, nu_out, mu_out
+    # With eps = 0 a zero gradient on a zero average is 0/0; its step is defined as 0.
+    return quotient(g, add_eps(den, s.eps, opts.eps_in_sqrt), opts.eps_may_be_zero), nu_out, mu_out
 
 
 Store = Callable[[jax.Array], tuple[Any, jax.Array]]
 """Maps a new state value (compute dtype) to ``(stored form, its decoded value)``."""
 
 
-def root(v: jax.Array, eps: jax.Array, eps_in_sqrt: bool) -> jax.Array:
-    """The root of the denominator: ``sqrt(v + eps)``, or ``sqrt(v)`` when eps is added outside (:func:`add_eps`)."""
-    return jnp.sqrt(v + eps) if eps_in_sqrt else jnp.sqrt(v)
+def root(v: jax.Array, eps: jax.Array, eps_in_sqrt: bool, eps_positive: bool = False) -> jax.Array:
+    """The root of the denominator: ``sqrt(v + eps)``, or ``sqrt(v)`` when eps is added outside (:func:`add_eps`).
+
+    ``eps_positive``: eps is known to be positive, so that ``v + eps`` is (plain ``jnp.sqrt``'s derivative).
+    """
+    if eps_in_sqrt:
+        return (jnp.sqrt if eps_positive else sqrt)(v + eps)
+    return sqrt(v)
 
 
 def add_eps(den: jax.Array, eps: jax.Array, eps_in_sqrt: bool) -> jax.Array:
@@ -348,9 +461,9 @@ def _lower_bound(
     """
     b = s.debias
     if mu_new is None:
-        return s.root_bound * jnp.abs(g)
+        return s.root_bound * magnitude(g)
     ct = np.dtype(s.decay.dtype)
     m = where(saturated, scale(jnp.asarray(1 / _shrink(ct, nu_max), ct), mu_new), mu_new)
     if b is None:
-        return s.centered_bound * jnp.abs(g - m)
-    return s.centered_bound * jnp.abs(scale(b, g) - m)  # |g - m / b| without an overflowing m / b
+        return s.centered_bound * magnitude(g - m)
+    return s.centered_bound * magnitude(scale(b, g) - m)  # |g - m / b| without an overflowing m / b

@@ -74,6 +74,10 @@ def screen(mode: str, grads: Sequence[jax.Array]) -> tuple[list[jax.Array], jax.
         all_finite = jax.lax.pmin(all_finite.astype(jnp.int32), manual) == 1
     if mode == "zero":
         grads = [_kernel.where(f, g, jnp.zeros_like(g)) for f, g in zip(finite, grads, strict=True)]
+    else:
+        # A skipped step's results are discarded; it runs on zeros, so that no NaN or Inf inside it
+        # reaches a derivative (the transpose of the final select multiplies its partials by 0).
+        grads = [_kernel.where(all_finite, g, jnp.zeros_like(g)) for g in grads]
     return grads, all_finite
 
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _stochastic_rounding, _tree
+from rmsprop_jax import _kernel, _stochastic_rounding, _tree
 
 
 MODES = ("stochastic", "compensated")
@@ -268,8 +268,11 @@ def _round_leaves(
 ) -> tuple[list[jax.Array], list[Any]]:
     """The 16-bit leaves' new updates (and residuals, compensated): see :func:`param_rounding`."""
     out_u, out_c = [], []
-    for p, u, c, salt in zip(params, updates, residuals, salts, strict=True):
-        p, u = jnp.asarray(p), jnp.asarray(u)
+    for p, u_in, c, salt in zip(params, updates, residuals, salts, strict=True):
+        # Differentiated as the identity (straight-through): the new update's derivative is the
+        # incoming update's, and the residual has none (its derivative, x's minus the rounding's, is 0).
+        p, u = jax.lax.stop_gradient((jnp.asarray(p), jnp.asarray(u_in)))
+        c = jax.lax.stop_gradient(c)
         wide = jnp.float64 if u.dtype == jnp.float64 else jnp.float32
         x = p.astype(wide) + u.astype(wide)
         if stochastic:
@@ -282,7 +285,7 @@ def _round_leaves(
             fi = jnp.finfo(p.dtype)
             target = jax.lax.reduce_precision(x, fi.nexp, fi.nmant).astype(p.dtype)
         new_u, landed = landing_update(p, target)
-        out_u.append(new_u)
+        out_u.append(_kernel.with_tangent(new_u, jnp.asarray(u_in)))
         if stochastic:
             out_c.append(None)
         else:

@@ -589,6 +589,35 @@ def ema_step(
     return new, stored
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def carry_derivative(scales: jax.Array, x: jax.Array, codes: jax.Array, fmt: Format) -> jax.Array:
+    r"""The stored ``scales`` of ``codes`` (the encoding of ``x``), differentiated so that the block follows ``x``.
+
+    The codes are integers and carry no derivative; a block's decoded values
+    :math:`c_i = q_i A` move with its scale only, :math:`dc_i = c_i\,dA/A`. The scale's
+    derivative is the least-squares fit of the values' own, :math:`dA/A = \sum_i c_i\,dx_i /
+    \sum_i c_i^2` over the block: exact when the block's derivative is proportional to its
+    values (a learning rate's, through the momentum buffer), the nearest such otherwise.
+    The primal is ``scales`` as it is.
+    """
+    del x, codes
+    return scales
+
+
+@carry_derivative.defjvp
+def _carry_derivative_jvp(
+    fmt: Format, primals: tuple[jax.Array, jax.Array, jax.Array], tangents: tuple[Any, Any, Any]
+) -> tuple[jax.Array, jax.Array]:
+    scales, _, codes = primals
+    dx = tangents[1]
+    c = dequantize(codes, scales, fmt)
+    nb = scales.shape[-1]
+    cb = blocked(c, nb)[0]
+    cc = jnp.sum(cb * cb, axis=-1)
+    k = _kernel.where(cc > 0, scales / _kernel.where(cc > 0, cc, jnp.ones_like(cc)), jnp.zeros_like(cc))
+    return scales, k * jnp.sum(cb * blocked(dx.astype(jnp.float32), nb)[0], axis=-1)
+
+
 def dequantize(codes: jax.Array, scales: jax.Array, fmt: Format) -> jax.Array:
     """The float32 values of ``codes`` with their block ``scales`` (the inverse of :func:`quantize`).
 
@@ -626,7 +655,9 @@ def _factor(scales: jax.Array, fmt: Format, m: jax.Array | None = None) -> jax.A
     top = _top(fmt, m)
     factor = scales * (jnp.float32(1 / fmt.top) if m is None else _per_width(m, lambda w: 1 / (2.0 - 2.0**-w)))
     too_big = factor * top > scales
-    return _kernel.where(too_big, jnp.nextafter(factor, jnp.float32(0)), factor)
+    # One unit lower, differentiated as the identity (a rounding).
+    lower = _kernel.straight_through(lambda f: jnp.nextafter(f, jnp.float32(0)), factor)
+    return _kernel.where(too_big, lower, factor)
 
 
 def state_bytes(shape: tuple[int, ...], block_size: int) -> int:

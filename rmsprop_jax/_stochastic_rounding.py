@@ -157,9 +157,10 @@ def round_stochastic(x: jax.Array, dtype: Any, bits: jax.Array, *, saturate: boo
     if saturate:
         big = float(jnp.finfo(dtype).max)
         x = jnp.clip(x, jnp.asarray(-big, x.dtype), jnp.asarray(big, x.dtype))
+    # Differentiated as the identity (straight-through), as every rounding of the state is.
     if dtype == np.dtype(jnp.bfloat16):
-        return _round_bf16(x.astype(jnp.float32), bits)
-    return _round_generic(x, dtype, bits)
+        return _kernel.straight_through(lambda v, b: _round_bf16(v.astype(jnp.float32), b), x, bits)
+    return _kernel.straight_through(lambda v, b: _round_generic(v, dtype, b), x, bits)
 
 
 def _round_bf16(x: jax.Array, bits: jax.Array) -> jax.Array:
