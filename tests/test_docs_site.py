@@ -286,8 +286,14 @@ def test_the_first_navigation_entry_is_getting_started(browser, site):
 _OPTAX = "https://optax.readthedocs.io/en/latest/api/generated/"
 _JAX = "https://docs.jax.dev/en/latest/_autosummary/"
 _EXTERNAL = {
-    "rmsprop_jax.scale_by_rms.html": [
+    "rmsprop_jax.effective_learning_rate.html": [
         ("GradientTransformation", _OPTAX + "optax.GradientTransformation.html#optax.GradientTransformation"),
+    ],
+    "rmsprop_jax.scale_by_rms.html": [
+        (
+            "GradientTransformationExtraArgs",
+            _OPTAX + "optax.GradientTransformationExtraArgs.html#optax.GradientTransformationExtraArgs",
+        ),
         ("ArrayLike", _JAX + "jax.typing.ArrayLike.html#jax.typing.ArrayLike"),
         ("Schedule", _OPTAX + "optax.schedules.Schedule.html#optax.schedules.Schedule"),
         ("bool", "https://docs.python.org/3/library/functions.html#bool"),
