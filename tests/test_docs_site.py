@@ -286,9 +286,6 @@ def test_the_first_navigation_entry_is_getting_started(browser, site):
 _OPTAX = "https://optax.readthedocs.io/en/latest/api/generated/"
 _JAX = "https://docs.jax.dev/en/latest/_autosummary/"
 _EXTERNAL = {
-    "rmsprop_jax.effective_learning_rate.html": [
-        ("GradientTransformation", _OPTAX + "optax.GradientTransformation.html#optax.GradientTransformation"),
-    ],
     "rmsprop_jax.scale_by_rms.html": [
         (
             "GradientTransformationExtraArgs",
@@ -307,6 +304,7 @@ _EXTERNAL = {
     ],
     "rmsprop_jax.effective_learning_rate.html": [
         ("OptState", _OPTAX + "optax.OptState.html#optax.OptState"),
+        ("GradientTransformation", _OPTAX + "optax.GradientTransformation.html#optax.GradientTransformation"),
     ],
     "rmsprop_jax.RmspropState.html": [
         ("Array", _JAX + "jax.Array.html#jax.Array"),
