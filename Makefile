@@ -11,7 +11,7 @@ COV ?= --cov=rmsprop_jax --cov-report=term-missing:skip-covered --cov-fail-under
 # `make pytest XDIST=` runs in one process.
 XDIST ?= -n 2 --dist loadfile
 
-.PHONY: demo bench notebooks docs test pytest test-min test-min-all lint format typecheck clean
+.PHONY: demo bench notebooks docs test pytest test-fast test-min test-min-all lint format typecheck clean
 
 $(BIN)/python:
 	@echo "== Creating the virtual environment $(VENV)/ with $(PYTHON) ($$($(PYTHON) --version))"
@@ -54,6 +54,12 @@ test: lint typecheck docs pytest test-min
 
 pytest: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(XDIST) $(COV) $(ARGS)
+
+# Every test file, with at most SAMPLE cases of each parametrized test (the first, the last,
+# and evenly between; tests/conftest.py): a first answer in about two minutes.
+SAMPLE ?= 2
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(XDIST) -q --sample $(SAMPLE) $(ARGS)
 
 # The declared floors: .venv-min gets the lowest Python and every dependency at the lowest
 # version pyproject.toml allows (tools/min_constraints.py). `make test-min` runs there the
