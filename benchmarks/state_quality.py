@@ -36,6 +36,24 @@ Decay 0.999 with a bfloat16 state and no stochastic rounding is rejected by
 ``rmsprop_jax`` (``bfloat16(0.999) == 1``, and the EMA would stall); to show what happens
 anyway, every run at that decay passes it as a constant schedule, which is not checked.
 
+4-bit ``S`` (``--only int4``, not in the default run): ``rmsprop_jax._int4`` codes, code
+map (``--int4-maps``) x scales (``--int4-scales``: blocks of 128 or 256, rank-1 row and
+column maxima, or blocks and column maxima) x rounding (``--int4-rounding``: nearest or
+stochastic). Their storage is emulated by ``int4_emulation``: each step encodes the new
+``S`` and the update reads it decoded, bounded below as ``rmsprop_jax`` bounds every lossy
+``S`` (``float32 emulated``, the same loop with a float32 ``S``, checks the loop against
+the library). Every leaf is stored in the format under test (``int8 B=256`` for
+comparison). Workloads (final training loss, per seed against the float32 run of the same
+seed, worst of 3 seeds): the digits MLP 64-64-10 at decay 0.9 and 0.99 and a wider
+64-256-256-10 at 0.99 (lr 1e-3, batch 64, 20 epochs; loss on the whole training set), the
+quadratic above at decay 0.999, a two-block GPT-like model (the tree of
+``benchmarks._contenders.transformer_params``, width 64) on a copy task at decay 0.99
+(400 steps, lr 1e-3; the mean loss of the last 40 steps), and the 64-64-10 MLP with
+bfloat16 parameters rounded stochastically (``rmsprop_jax.param_rounding``) at decay 0.99,
+against float32 ``S`` with the same bfloat16 parameters. ``--only int4-time``: one update
+of a 16M-element ``S`` (decode, EMA, encode, decode) in 4 bits against the 8-bit
+``_quantize.ema_step`` path, jitted, interleaved rounds.
+
 Memory: state bytes per parameter (everything in the state: codes, scales, statistics,
 step count and key) for a 4096 x 4096 matrix, a 16M-element vector and the digits MLP
 with the default ``min_8bit_size``. Step time: the jitted, donated update of that matrix
@@ -680,6 +698,20 @@ def markdown(results: dict[str, Any]) -> str:
                 q = r["ratio_to_float32"]
                 cells.append(f"{H.fmt_time(r['median'])}, x{q['median']:.2f} [{q['q1']:.2f}-{q['q3']:.2f}]")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    if "int4" in results:
+        r4 = results["int4"]
+        wl = r4["workloads"]
+        lines += ["", "**4-bit S** (emulated storage), final training loss vs float32 S, worst seed:", ""]
+        lines += ["| state | " + " | ".join(wl) + " | S bytes/param |", "| --- |" + " --- |" * (len(wl) + 1)]
+        for n, r in r4["rows"].items():
+            b = "" if r["bytes"] is None else f"{r['bytes']:.3f}"
+            lines.append(f"| {n} | " + " | ".join(f"{100 * r['worst'][w]:+.2f}%" for w in wl) + f" | {b} |")
+    if "int4_time" in results:
+        for label, rows in results["int4_time"]["rows"].items():
+            lines += ["", f"**S update time**, {label} (median; time / float32 EMA time):", ""]
+            lines += ["| state | time | vs float32 EMA |", "| --- | --- | --- |"]
+            for n, r in rows.items():
+                lines.append(f"| {n} | {H.fmt_time(r['median'])} | x{r['ratio_to_float32_ema']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
