@@ -8,8 +8,7 @@ import jax
 import jax.typing
 import optax
 
-from rmsprop_jax import _step, _validation
-from rmsprop_jax._config import RmsConfig
+from rmsprop_jax import _config, _step, _validation
 
 
 class RmspropState(NamedTuple):
@@ -184,5 +183,32 @@ def rmsprop(
       Graves, `Generating Sequences With Recurrent Neural Networks
       <https://arxiv.org/abs/1308.0850>`_, 2013.
     """
-    cfg = RmsConfig(**locals())  # the arguments above, every one checked there
-    return optax.GradientTransformationExtraArgs(*_step.transformation(cfg, RmspropState))
+    plan = _config.make_plan(
+        _config.SecondMoment(
+            decay=decay,
+            eps=eps,
+            eps_in_sqrt=eps_in_sqrt,
+            initial_scale=initial_scale,
+            centered=centered,
+            bias_correction=bias_correction,
+        ),
+        _config.StorageArgs(
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            block_size=block_size,
+            min_8bit_size=min_8bit_size,
+            factored=factored,
+            rounding_seed=rounding_seed,
+        ),
+        on_nonfinite,
+        _config.Descent(
+            learning_rate=learning_rate,
+            momentum=momentum,
+            nesterov=nesterov,
+            lr_after_momentum=lr_after_momentum,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+        ),
+    )
+    return optax.GradientTransformationExtraArgs(*_step.transformation(plan, RmspropState))

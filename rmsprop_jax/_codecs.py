@@ -1,18 +1,14 @@
-r"""How one parameter-shaped buffer (``S``, ``m`` or momentum) of one leaf is stored.
+r"""How one parameter-shaped buffer (``S``, ``m`` or momentum) of one leaf is stored: the codecs.
 
-Every buffer of every leaf has a codec, chosen by :meth:`RmsConfig.codec_for_param` at
-init and :meth:`RmsConfig.codec_for_stored` at update. The step runs the same four calls
-whatever the storage:
+Every storage format implements :class:`Codec` in full: ``init`` a stored leaf, ``decode``
+it, ``encode`` a new value. The step runs the same calls whatever the storage and never
+asks which codec it holds; what a codec needs while encoding (random bits, a per-block
+bound of the gradient) it asks the step's :class:`StepContext` for.
 
-* ``init(param, value)``: the stored form of a buffer whose every element is ``value``;
-* ``decode(stored, ct)``: its value in the compute dtype;
-* ``keep(stored, ctx)``: a :data:`_kernel.Store` applied *before* the update reads the new
-  value (the update then sees the state as it is kept), or None;
-* ``encode(x, stored, ctx)``: the stored form of ``x``, for buffers without ``keep``,
-  encoded *after* the update (8-bit ``m`` and momentum, and exact floats).
-
-A stored leaf is a ``(values, aux)`` pair; ``aux`` holds 8-bit block scales, a 0-d
-placeholder, or None where the buffer's tree has no aux. One class per storage:
+A codec says with ``read_as_stored`` whether the update reads the value as it is kept
+(``encode`` runs inside the normalization, before the denominator: 16-bit values and
+8-bit ``S``) or the exact value (``encode`` runs after the update: 8-bit ``m`` and
+momentum, and floats as wide as the compute dtype).
 
 =========================  ===================================================
 :class:`FloatCodec`        a float array (any precision, rounded to nearest)
@@ -22,20 +18,28 @@ placeholder, or None where the buffer's tree has no aux. One class per storage:
 :class:`Int8EmaCodec`      unsigned 8-bit ``S``, updated in code units
 =========================  ===================================================
 
-Factored ``S`` is a different estimator, not a storage: :class:`FactoredCodec` keeps its
-init and rounding here, and the step treats it as its one explicit branch.
+A coded ``state_dtype`` names one codec per buffer in :data:`CODED_FORMATS`; adding a
+format is one codec class and one line there. :func:`codec_of` reads the codec of a
+stored leaf off its arrays, for the step and for :func:`~rmsprop_jax.decode_state`.
+Factored ``S`` is a different estimator of ``S``, not a storage (:mod:`._factored`); its
+row and column statistics are stored by float codecs.
 """
 
+import copy
 import dataclasses
 import enum
-from typing import Any, ClassVar, NamedTuple
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsprop_jax import _dtypes, _factored, _kernel, _quantize, _stochastic_rounding, _tree, _validation
-from rmsprop_jax._storage import full_reduced, placeholder
+from rmsprop_jax import _dtypes, _kernel, _quantize, _stochastic_rounding, _tree, _validation
+from rmsprop_jax._kernel import StepScalars
+from rmsprop_jax._stochastic_rounding import Layout
+from rmsprop_jax._storage import Leaf, full_reduced, placeholder
 
 
 class Buffer(enum.IntEnum):
@@ -47,17 +51,52 @@ class Buffer(enum.IntEnum):
     COLUMNS = 3  # factored S's column statistics
 
 
-class StepContext(NamedTuple):
+_SR_DTYPES = (np.dtype("bfloat16"), np.dtype("float16"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Storage:
+    """How the buffers are stored: the checked storage options (:func:`._config.make_plan`)."""
+
+    dtype: np.dtype | None  # the float state dtype; None: the parameters' policy (and for coded formats' small leaves)
+    coded: str | None  # a key of CODED_FORMATS, or None for float state
+    stochastic: bool
+    block_size: int
+    min_coded_size: int
+    factored: bool
+    seed: int
+
+    def coded_leaf(self, shape: tuple[int, ...]) -> bool:
+        """Whether a float parameter of ``shape`` gets codes (else the float state of ``state_dtype=None``)."""
+        return self.coded is not None and len(shape) >= 1 and math.prod(shape) >= max(self.min_coded_size, 1)
+
+
+DECODING = Storage(None, None, False, _quantize.DEFAULT_BLOCK_SIZE, 0, False, 0)
+"""Options for reading a stored leaf back (:func:`~rmsprop_jax.decode_state`): decoding needs none."""
+
+
+class StepContext:
     """What a codec may read while the step of one leaf runs (all traced values)."""
 
-    key: Any  # the stochastic-rounding key, or None
-    step: jax.Array  # the step count before this update
-    leaf: int  # the leaf's flatten position
-    ct: Any  # the leaf's (real) compute dtype
-    scalars: Any  # the _kernel.StepScalars of the leaf's compute dtype
-    g: jax.Array  # the gradient the EMA of S uses (compute dtype)
-    bound: jax.Array | None  # per 8-bit block, a bound of |g|
-    layout: Any = None  # inside jax.shard_map, the shard's place in the array rounded (_stochastic_rounding.Layout)
+    def __init__(
+        self,
+        key: jax.Array | None,
+        step: jax.Array,
+        leaf: int,
+        scalars: StepScalars,
+        g: jax.Array,
+        layout: Layout | None,
+        bound_inputs: tuple[jax.Array, jax.Array | None, jax.Array | None],
+    ) -> None:
+        self.key = key  # the stochastic-rounding key, or None
+        self.step = step  # the step count before this update
+        self.leaf = leaf  # the leaf's flatten position
+        self.ct = np.dtype(g.real.dtype)  # the leaf's (real) compute dtype
+        self.scalars = scalars  # the step scalars in the compute dtype
+        self.g = g  # the gradient the EMA of S uses (compute dtype)
+        self.layout = layout  # inside jax.shard_map, the shard's place in the whole array (else None)
+        self._bound_inputs = bound_inputs  # the raw gradient, and the parameter and weight decay if coupled
+        self._bounds: dict[int, jax.Array] = {}
 
     def salt(self, buffer: Buffer) -> int:
         """The stream of one buffer of this leaf: independent across buffers and leaves."""
@@ -65,21 +104,81 @@ class StepContext(NamedTuple):
 
     def bits(self, buffer: Buffer, shape: tuple[int, ...]) -> jax.Array:
         """Random bits for stochastic rounding, one uint32 per element of ``shape``, keyed by its global index."""
+        assert self.key is not None
         return _stochastic_rounding.random_bits(self.key, self.step, self.salt(buffer), shape, self.layout)
 
+    def with_layout(self, layout: Layout | None) -> "StepContext":
+        """The context for an array whose place inside ``jax.shard_map`` differs from the parameter's."""
+        out = copy.copy(self)
+        out.layout = layout
+        return out
 
-class _SameShape:
-    """Codecs whose stored values have the parameter's shape."""
+    def seed(self, buffer: Buffer) -> jax.Array:
+        """The step's seed of one buffer's random stream (for codecs that hash it themselves)."""
+        assert self.key is not None
+        return _stochastic_rounding.step_seed(self.key, self.step, self.salt(buffer))
 
-    def param_shape(self, values: Any, aux: Any) -> Any:
-        return values
+    def grad_bound(self, block_size: int) -> jax.Array:
+        r"""Per block of the last axis, an upper bound of :math:`|g + \lambda\theta|` (float32), computed once."""
+        if block_size not in self._bounds:
+            self._bounds[block_size] = grad_block_bound(*self._bound_inputs[:1], block_size, *self._bound_inputs[1:])
+        return self._bounds[block_size]
 
-    def keep(self, stored: tuple[Any, Any], ctx: StepContext) -> Any:
-        return None
+
+Store = Callable[[jax.Array], tuple[Leaf, jax.Array]]
+"""Maps a new value (compute dtype) to ``(stored leaf, the value as stored)``: a codec's encode, bound to one leaf."""
+
+
+class Codec(Protocol):
+    """How one buffer of one leaf is stored."""
+
+    @property
+    def buffer(self) -> Buffer:
+        """Which buffer it stores (its random stream's salt)."""
+        ...
+
+    @property
+    def top(self) -> float:
+        """The largest value it holds (``S`` saturates there)."""
+        ...
+
+    def init(self, param: Any, value: Any) -> Leaf:
+        """The stored form of a buffer of ``param``'s shape whose every element is ``value``."""
+        ...
+
+    def decode(self, leaf: Leaf, ct: np.dtype) -> jax.Array:
+        """The stored value in the compute dtype ``ct``."""
+        ...
+
+    def read_as_stored(self, ct: np.dtype) -> bool:
+        """Whether the update reads the value as stored (encoded before it), or the exact one (encoded after)."""
+        ...
+
+    def encode(self, x: jax.Array, old: Leaf, ctx: StepContext) -> tuple[Leaf, jax.Array]:
+        """``(stored leaf, its value in the compute dtype)`` for the new value ``x``; ``old`` is the stored leaf."""
+        ...
+
+    @staticmethod
+    def holds(leaf: Leaf) -> bool:
+        """Whether a stored leaf is in this codec's format."""
+        ...
+
+    def param_shape(self, leaf: Leaf) -> jax.Array | jax.ShapeDtypeStruct:
+        """The parameter's shape (and a dtype of its kind) read off a stored leaf."""
+        ...
+
+    @property
+    def shard_map_needs(self) -> str | None:
+        """Why a step inside ``jax.shard_map`` must know where the shard sits (it reads beyond its element)."""
+        ...
+
+    def check_shard(self, layout: Layout, shape: tuple[int, ...], path: Any) -> None:
+        """Refuses a split of the parameter (``shape``: the shard's) that this format cannot step."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
-class FloatCodec(_SameShape):
+class FloatCodec:
     """A float array of the parameter's shape, rounded to nearest when narrower than the compute dtype.
 
     ``saturated``: the kernel already saturated the values (``S``), so no clip is needed.
@@ -93,40 +192,58 @@ class FloatCodec(_SameShape):
     def top(self) -> float:
         return float(jnp.finfo(self.dtype).max)
 
-    def init(self, param: Any, value: Any) -> tuple[jax.Array, jax.Array]:
-        return _tree.full_like(param, value, self.dtype), placeholder()
+    def init(self, param: Any, value: Any) -> Leaf:
+        return Leaf(_tree.full_like(param, value, self.dtype), placeholder())
 
-    def decode(self, stored: tuple[Any, Any], ct: np.dtype) -> jax.Array:
-        return _dtypes.as_compute(stored[0], ct)
+    def decode(self, leaf: Leaf, ct: np.dtype) -> jax.Array:
+        return _dtypes.as_compute(leaf.values, ct)
+
+    def read_as_stored(self, ct: np.dtype) -> bool:
+        return _dtypes.real_dtype(self.dtype) != ct  # else the compute dtype holds it exactly
 
     def round(self, x: jax.Array, ctx: StepContext) -> jax.Array:
         return x.astype(self.dtype)
 
-    def keep(self, stored: tuple[Any, Any], ctx: StepContext) -> Any:
-        if _dtypes.real_dtype(self.dtype) == ctx.ct:
-            return None  # the compute dtype holds it exactly
+    def param_shape(self, leaf: Leaf) -> jax.Array:
+        return leaf.values
 
-        def store(x: jax.Array) -> tuple[tuple[jax.Array, Any], jax.Array]:
-            kept = self.round(x, ctx)
-            return (kept, stored[1]), _dtypes.as_compute(kept, ctx.ct)
+    @property
+    def shard_map_needs(self) -> str | None:
+        return None
 
-        return store
+    def check_shard(self, layout: Layout, shape: tuple[int, ...], path: Any) -> None:
+        return None
 
-    def encode(self, x: jax.Array, stored: tuple[Any, Any], ctx: StepContext) -> tuple[jax.Array, Any]:
-        return x.astype(self.dtype), stored[1]
+    def encode(self, x: jax.Array, old: Leaf, ctx: StepContext) -> tuple[Leaf, jax.Array]:
+        kept = self.round(x, ctx)
+        return Leaf(kept, old.aux), _dtypes.as_compute(kept, ctx.ct)
+
+    @staticmethod
+    def holds(leaf: Leaf) -> bool:
+        return _dtypes.is_float_dtype(leaf.values.dtype) and (leaf.aux is None or np.ndim(leaf.aux) == 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class StochasticCodec(FloatCodec):
     """A 16-bit float array rounded up or down at random, unbiased (:mod:`._stochastic_rounding`)."""
 
+    @property
+    def shard_map_needs(self) -> str | None:
+        return "its stochastic rounding draws each element's random bits from its index in the whole array"
+
     def round(self, x: jax.Array, ctx: StepContext) -> jax.Array:
         bits = ctx.bits(self.buffer, x.shape)
         return _stochastic_rounding.round_stochastic(x, self.dtype, bits, saturate=not self.saturated)
 
 
+def float_codec(buffer: Buffer, dtype: np.dtype, storage: Storage) -> FloatCodec:
+    """The codec of a float buffer of ``dtype``: stochastic for 16-bit state with stochastic rounding."""
+    cls = StochasticCodec if storage.stochastic and dtype in _SR_DTYPES else FloatCodec
+    return cls(buffer, dtype, saturated=buffer in (Buffer.NU, Buffer.COLUMNS))  # S's statistics saturate in the step
+
+
 @dataclasses.dataclass(frozen=True)
-class Int8Codec(_SameShape):
+class Int8Codec:
     """Signed 8-bit codes with one float32 scale per block, the block's exact largest magnitude.
 
     Encoded after the update, which reads the unrounded value (momentum).
@@ -135,26 +252,66 @@ class Int8Codec(_SameShape):
     buffer: Buffer
     block_size: int
     stochastic: bool
-    fmt: _quantize.Format = _quantize.SIGNED
-    top: ClassVar[float] = float(np.finfo(np.float32).max)  # the largest decoded value
+    fmt: ClassVar[_quantize.Format] = _quantize.SIGNED
 
-    def init(self, param: Any, value: Any) -> tuple[jax.Array, jax.Array]:
+    @property
+    def top(self) -> float:
+        return float(np.finfo(np.float32).max)  # the largest decoded value
+
+    def init(self, param: Any, value: Any) -> Leaf:
         v = _validation.concrete(value)
         code = self.fmt.max_magnitude_code if v is None or float(v) != 0.0 else 0
         scales_shape = _quantize.scales_shape(tuple(np.shape(param)), self.block_size)
-        return _tree.full_like(param, code, self.fmt.dtype), full_reduced(param, scales_shape, value, jnp.float32, None)
+        return Leaf(
+            _tree.full_like(param, code, self.fmt.dtype), full_reduced(param, scales_shape, value, jnp.float32, None)
+        )
 
-    def decode(self, stored: tuple[Any, Any], ct: np.dtype) -> jax.Array:
-        return _quantize.dequantize(stored[0], stored[1], self.fmt).astype(ct)
+    def decode(self, leaf: Leaf, ct: np.dtype) -> jax.Array:
+        assert leaf.aux is not None
+        return _quantize.dequantize(leaf.values, leaf.aux, self.fmt).astype(ct)
 
-    def scale(self, stored: tuple[Any, Any], ctx: StepContext) -> jax.Array | None:
+    def read_as_stored(self, ct: np.dtype) -> bool:
+        return False
+
+    def param_shape(self, leaf: Leaf) -> jax.Array:
+        return leaf.values
+
+    @property
+    def shard_map_needs(self) -> str | None:
+        return (
+            "its 8-bit codes live in blocks along the last axis (and stochastic rounding keys their random bits by "
+            "each element's index in the whole array)"
+        )
+
+    def check_shard(self, layout: Layout, shape: tuple[int, ...], path: Any) -> None:
+        """Refuses a split last axis whose shards' blocks are not the whole array's blocks."""
+        if not layout[-1]:
+            return
+        sizes = jax.sharding.get_abstract_mesh().shape
+        n = shape[-1]
+        whole = n * math.prod(sizes[a] for a in layout[-1])
+        nb, nb_whole = _quantize.n_blocks(n, self.block_size), _quantize.n_blocks(whole, self.block_size)
+        b = _quantize.block_length(n, nb)
+        if nb * b != n or b != _quantize.block_length(whole, nb_whole):
+            raise ValueError(
+                f"params{_tree.path_str(path)} is 8-bit with its last axis split over {layout[-1]}: a shard's {n} "
+                f"elements do not make whole blocks of the {whole}-element axis (block_size={self.block_size}), so "
+                "its blocks would differ from the unsharded step's. Split another axis, or pick a block_size whose "
+                "blocks tile each shard."
+            )
+
+    def scale(self, old: Leaf, ctx: StepContext) -> jax.Array | None:
         return None  # the exact block maxima, from the new values
 
-    def encode(self, x: jax.Array, stored: tuple[Any, Any], ctx: StepContext) -> tuple[jax.Array, jax.Array]:
-        bits = ctx.bits(self.buffer, stored[0].shape) if self.stochastic else None
-        scale = jax.lax.stop_gradient(self.scale(stored, ctx))  # it only picks the codes
+    def encode(self, x: jax.Array, old: Leaf, ctx: StepContext) -> tuple[Leaf, jax.Array]:
+        bits = ctx.bits(self.buffer, old.values.shape) if self.stochastic else None
+        scale = jax.lax.stop_gradient(self.scale(old, ctx))  # it only picks the codes
         codes, scales = _quantize.quantize(jax.lax.stop_gradient(x), self.block_size, self.fmt, bits, scale)
-        return codes, _quantize.carry_derivative(scales, x, codes, self.fmt)
+        return Leaf(codes, _quantize.carry_derivative(scales, x, codes, self.fmt)), x
+
+    @classmethod
+    def holds(cls, leaf: Leaf) -> bool:
+        return np.dtype(leaf.values.dtype) == np.dtype(cls.fmt.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,68 +319,68 @@ class Int8MeanCodec(Int8Codec):
     r"""Signed 8-bit ``m``: the block scale is the bound :math:`\rho A + (1 - \rho) M` of the new EMA
     (``A`` the old block's largest magnitude, ``M`` the gradient's), which costs no second pass."""
 
-    def scale(self, stored: tuple[Any, Any], ctx: StepContext) -> jax.Array:
-        assert ctx.bound is not None
-        a = _quantize.decoded_block_max(stored[0], stored[1], self.fmt)
+    def scale(self, old: Leaf, ctx: StepContext) -> jax.Array:
+        assert old.aux is not None
+        a = _quantize.decoded_block_max(old.values, old.aux, self.fmt)
         s = ctx.scalars
-        return _at_most_f32(s.decay.astype(jnp.float32) * a + s.one_minus_decay.astype(jnp.float32) * ctx.bound)
+        return _at_most_f32(
+            s.decay.astype(jnp.float32) * a + s.one_minus_decay.astype(jnp.float32) * ctx.grad_bound(self.block_size)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class Int8EmaCodec(Int8Codec):
     """Unsigned 8-bit ``S``, whose new codes come from the old codes and ``g`` directly.
 
-    ``keep`` encodes the new ``S`` with :func:`_quantize.ema_step` (per-block constants
+    ``encode`` computes the new ``S`` with :func:`_quantize.ema_step` (per-block constants
     folded into one multiply-add per element), not from the kernel's value, which equals
-    it up to float32 rounding; XLA then drops the kernel's copy.
+    it up to float32 rounding; XLA then drops the kernel's copy. The update reads the
+    value as stored.
     """
 
-    fmt: _quantize.Format = _quantize.UNSIGNED
+    fmt: ClassVar[_quantize.Format] = _quantize.UNSIGNED
 
-    def keep(self, stored: tuple[Any, Any], ctx: StepContext) -> Any:
-        codes, scales = jax.lax.stop_gradient(stored)
+    def read_as_stored(self, ct: np.dtype) -> bool:
+        return True
 
-        def store(x: jax.Array) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-            # The codes and scales come from inputs without derivatives; x's reaches them by carry_derivative.
-            d, omd, g = jax.lax.stop_gradient((ctx.scalars.decay, ctx.scalars.one_minus_decay, ctx.g))
-            upper, lower = _nu_range_bound(codes, scales, ctx.bound, d, omd)
-            seed = _stochastic_rounding.step_seed(ctx.key, ctx.step, ctx.salt(self.buffer)) if self.stochastic else None
-            new = _quantize.ema_step(codes, scales, d, omd, g, seed, upper, lower)
-            decoded = _kernel.with_tangent(_quantize.dequantize(*new, self.fmt).astype(x.dtype), x)
-            return (new[0], _quantize.carry_derivative(new[1], x, new[0], self.fmt)), decoded
+    def encode(self, x: jax.Array, old: Leaf, ctx: StepContext) -> tuple[Leaf, jax.Array]:
+        # The codes and scales come from inputs without derivatives; x's reaches them by carry_derivative.
+        assert old.aux is not None
+        codes, scales = jax.lax.stop_gradient((old.values, old.aux))
+        d, omd, g = jax.lax.stop_gradient((ctx.scalars.decay, ctx.scalars.one_minus_decay, ctx.g))
+        upper, lower = _nu_range_bound(codes, scales, ctx.grad_bound(self.block_size), d, omd)
+        seed = ctx.seed(self.buffer) if self.stochastic else None
+        new = _quantize.ema_step(codes, scales, d, omd, g, seed, upper, lower)
+        decoded = _kernel.with_tangent(_quantize.dequantize(*new, self.fmt).astype(x.dtype), x)
+        return Leaf(new[0], _quantize.carry_derivative(new[1], x, new[0], self.fmt)), decoded
 
-        return store
+
+CODED_FORMATS: Mapping[str, Mapping[Buffer, type[Int8Codec]]] = {
+    "int8": {Buffer.NU: Int8EmaCodec, Buffer.MU: Int8MeanCodec, Buffer.TRACE: Int8Codec},
+}
+"""The coded ``state_dtype`` values: the codec of each buffer of a leaf large enough to be coded."""
 
 
-@dataclasses.dataclass(frozen=True)
-class FactoredCodec:
-    """Factored ``S``: row statistics as values, column statistics as aux (:mod:`._factored`), stored as ``rows``."""
+def coded_codec(buffer: Buffer, storage: Storage, fmt: str | None = None) -> Int8Codec:
+    """The codec of ``buffer`` in the coded format ``fmt`` (default: the storage's)."""
+    fmt = storage.coded if fmt is None else fmt
+    assert fmt is not None
+    return CODED_FORMATS[fmt][buffer](buffer, storage.block_size, storage.stochastic)
 
-    rows: FloatCodec  # the codec of the row statistics (buffer NU); the columns' differs in its buffer only
 
-    @property
-    def dtype(self) -> np.dtype:
-        return self.rows.dtype
+def codec_of(buffer: Buffer, leaf: Leaf, storage: Storage = DECODING) -> Codec:
+    """The codec of a stored leaf of ``buffer``, read off its arrays: the one dispatch of stored leaves."""
+    for fmt, codecs in CODED_FORMATS.items():
+        if buffer in codecs and codecs[buffer].holds(leaf):
+            return coded_codec(buffer, storage, fmt)
+    return float_codec(buffer, np.dtype(leaf.values.dtype), storage)
 
-    def init(self, param: Any, value: Any) -> tuple[jax.Array, jax.Array]:
-        shape, dtype = tuple(np.shape(param)), self.dtype
-        row = full_reduced(param, _factored.row_shape(shape), value, dtype, -1)
-        return row, full_reduced(param, _factored.col_shape(shape), value, dtype, -2)
 
-    def param_shape(self, values: Any, aux: Any) -> Any:
-        return jax.ShapeDtypeStruct((*values.shape, aux.shape[-1]), values.dtype)
-
-    def encode(self, row: jax.Array, col: jax.Array, ctx: StepContext) -> tuple[jax.Array, jax.Array]:
-        """The new statistics stored (already saturated by the step).
-
-        Inside ``jax.shard_map`` the rows keep the parameter's split of every axis but the
-        last, the columns of every axis but the second-to-last (the step summed over those).
-        """
-        lay = ctx.layout
-        row_ctx = ctx if lay is None else ctx._replace(layout=lay[:-1])
-        col_ctx = ctx if lay is None else ctx._replace(layout=(*lay[:-2], lay[-1]))
-        columns = dataclasses.replace(self.rows, buffer=Buffer.COLUMNS)
-        return self.rows.round(row, row_ctx), columns.round(col, col_ctx)
+def read(buffer: Buffer, leaf: Leaf) -> jax.Array:
+    """A stored leaf's value: codes decoded to float32, floats as stored (16-bit stays 16-bit)."""
+    dtype = np.dtype(leaf.values.dtype)
+    ct = _dtypes.real_dtype(dtype) if _dtypes.is_float_dtype(dtype) else np.dtype(np.float32)
+    return codec_of(buffer, leaf).decode(leaf, ct)
 
 
 def _at_most_f32(x: jax.Array) -> jax.Array:
@@ -247,7 +404,9 @@ def _nu_range_bound(
     return _at_most_f32(d * top + (one_minus_decay.astype(jnp.float32) * m) * m), d * bottom
 
 
-def grad_block_bound(g: jax.Array, block_size: int, param: Any = None, weight_decay: Any = None) -> jax.Array:
+def grad_block_bound(
+    g: jax.Array, block_size: int, param: jax.Array | None = None, weight_decay: jax.Array | None = None
+) -> jax.Array:
     r"""Per block of the last axis, an upper bound of :math:`|g + \lambda\theta|` (float32).
 
     Plain maxima and minima of ``g`` (each part, if complex) and of ``θ``, combined by

@@ -1,190 +1,154 @@
-"""``RmsConfig``: every option of ``rmsprop`` and ``scale_by_rms``, validated once, and the codec of each buffer.
+"""The options of ``rmsprop`` and ``scale_by_rms`` in two stages: the arguments, checked, then a :class:`Plan`.
 
-Checks run when the optimizer is built, in a fixed order, before any other work; only
-concrete values are checked (see :mod:`._validation`).
+The factories hand their arguments over by name to :class:`SecondMoment`,
+:class:`StorageArgs` and (``rmsprop`` only) :class:`Descent`; :func:`make_plan` checks
+them in a fixed order (storage first, then the second moment, then rmsprop's own) before
+any other work, and returns a :class:`Plan` whose fields never change. Only concrete
+values are checked (see :mod:`._validation`). Which codec stores each buffer is decided
+by :mod:`._codecs`, and the state is built by :mod:`._step`.
 """
 
 import dataclasses
-import functools
-import math
 import operator
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 from jax.core import Tracer
 
-from rmsprop_jax import (
-    _codecs,
-    _dtypes,
-    _factored,
-    _kernel,
-    _nonfinite,
-    _quantize,
-    _stochastic_rounding,
-    _storage,
-    _tree,
-    _validation,
-)
-from rmsprop_jax._codecs import Buffer
+from rmsprop_jax import _codecs, _dtypes, _kernel, _nonfinite, _quantize, _validation
 
 
-_INT8 = "int8"
+Hyperparameter = Any  # a number, a jax or NumPy scalar (traced under optax.inject_hyperparams), or a schedule
 _SR_DTYPES = (np.dtype("bfloat16"), np.dtype("float16"))
-_NO_DESCENT: Any = object()  # learning_rate's default: scale_by_rms, which has no descent options
 
 
 @dataclasses.dataclass(frozen=True)
-class RmsConfig:
-    """The options of ``rmsprop`` or ``scale_by_rms`` (the arguments by name), checked and normalized.
+class SecondMoment:
+    """The options of the second moment ``S`` (and ``m``), as given."""
 
-    Construction checks every option (storage first, then the second moment, then
-    rmsprop's own) and replaces the storage arguments by their normalized values. Static
-    and hashable, except for array-valued hyperparameters.
-    """
-
-    decay: Any
-    eps: Any
+    decay: Hyperparameter
+    eps: Hyperparameter
     eps_in_sqrt: bool
-    initial_scale: Any
+    initial_scale: Hyperparameter
     centered: bool
     bias_correction: bool
-    # The storage arguments as given; after __post_init__, normalized:
-    state_dtype: Any  # the float dtype of the state; None for the parameters' policy and for int8
-    on_nonfinite: str
-    stochastic_rounding: Any  # a bool (None: on for int8)
-    block_size: Any  # ints, defaults filled in, as min_8bit_size and rounding_seed
-    min_8bit_size: Any
-    factored: bool
-    rounding_seed: Any
-    # rmsprop only; scale_by_rms returns the normalized gradient (learning_rate None)
-    learning_rate: Any = _NO_DESCENT
-    momentum: Any = None
-    nesterov: bool = False
-    lr_after_momentum: bool = False
-    weight_decay: Any = 0.0
-    decoupled_weight_decay: bool = False
-    maximize: bool = False
-    int8: bool = dataclasses.field(init=False)
-
-    def __post_init__(self) -> None:
-        set_ = functools.partial(object.__setattr__, self)  # frozen: normalized values replace the arguments
-        int8, dtype = _parse_state_dtype(self.state_dtype)
-        sr = int8 if self.stochastic_rounding is None else self.stochastic_rounding  # 8-bit steps are 3-6%
-        if not isinstance(sr, bool | np.bool_):
-            raise TypeError(f"stochastic_rounding must be a bool or None; got {sr!r}.")
-        _check_bools(self, "factored")
-        if sr and not int8 and dtype not in _SR_DTYPES:
-            raise ValueError(
-                f"stochastic_rounding=True needs a 16-bit or 8-bit state; got state_dtype={self.state_dtype!r}. "
-                "Allowed: state_dtype=jnp.bfloat16, jnp.float16 or 'int8' (float32 and float64 states "
-                "round exactly enough)."
-            )
-        block_size = _int8_option(self, "block_size", int8, 1, "allowed: a positive int, e.g. 256 or 2048")
-        min_8bit_size = _int8_option(self, "min_8bit_size", int8, 0, "allowed: an int >= 0")
-        seed = self.rounding_seed
-        if seed is not None:
-            if not sr:
-                raise ValueError(
-                    f"rounding_seed={seed!r} applies only with stochastic_rounding=True; got stochastic_rounding=False."
-                )
-            seed = _static_int("rounding_seed", seed, 0, "allowed: an int in [0, 2**64)")
-            if seed >= 2**64:
-                raise ValueError(f"rounding_seed={seed} is not allowed; allowed: an int in [0, 2**64).")
-        if self.factored and self.centered:
-            raise ValueError(
-                "factored=True with centered=True: the centered variance S - m^2 needs the full S of "
-                "every element, which factoring does not keep. Allowed: factored=True with "
-                "centered=False, or centered=True with factored=False."
-            )
-        if self.factored and int8:
-            raise ValueError(
-                "factored=True with state_dtype='int8': factored statistics are already O(rows + "
-                "columns); 8-bit codes would save nothing on them. Allowed with factored=True: "
-                "state_dtype=None, a float dtype, or bfloat16/float16 with stochastic_rounding=True."
-            )
-        _check_second_moment(self)
-        if dtype is not None:
-            _validation.check_survives_dtype(self.decay, self.eps, dtype, explicit=True, stochastic_rounding=bool(sr))
-        if self.learning_rate is _NO_DESCENT:
-            set_("learning_rate", None)
-        else:
-            _check_descent(self)
-        set_("on_nonfinite", _nonfinite.check_mode(self.on_nonfinite))
-        set_("state_dtype", dtype)
-        set_("int8", int8)
-        set_("stochastic_rounding", bool(sr))
-        set_("block_size", _quantize.DEFAULT_BLOCK_SIZE if block_size is None else block_size)
-        set_("min_8bit_size", _quantize.DEFAULT_MIN_SIZE if min_8bit_size is None else min_8bit_size)
-        set_("factored", bool(self.factored))
-        set_("rounding_seed", 0 if seed is None else seed)
-
-    # ----- derived switches -----
 
     @property
     def rms_options(self) -> _kernel.RmsOptions:
         return _kernel.RmsOptions(self.eps_in_sqrt, _known(self.eps))
 
+
+@dataclasses.dataclass(frozen=True)
+class StorageArgs:
+    """The storage arguments as given; :func:`make_plan` turns them into a :class:`._codecs.Storage`."""
+
+    state_dtype: Any
+    stochastic_rounding: Any
+    block_size: Any
+    min_8bit_size: Any
+    factored: Any
+    rounding_seed: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Descent:
+    """``rmsprop``'s own options, as given."""
+
+    learning_rate: optax.ScalarOrSchedule
+    momentum: Hyperparameter | None
+    nesterov: bool
+    lr_after_momentum: bool
+    weight_decay: Hyperparameter
+    decoupled_weight_decay: bool
+    maximize: bool
+
     @property
     def use_weight_decay(self) -> bool:
         return _known(self.weight_decay) != 0.0
 
-    # ----- codecs -----
 
-    def codec_for_param(self, buffer: Buffer, param: Any, path: Any) -> Any:
-        """The codec of ``buffer`` for a parameter (array or shape struct) at ``path``, at init."""
-        shape, dtype = tuple(np.shape(param)), _tree.leaf_dtype(param)
-        if not _dtypes.is_float_dtype(dtype):
-            # An integer or boolean leaf (a step counter in an Equinox model): optax keeps a state for
-            # it too. It gets no gradient (None) from jax.grad or eqx.filter_grad, so it never steps.
-            return self._float(buffer, np.dtype(np.float32))
-        if self.int8 and len(shape) >= 1 and math.prod(shape) >= max(self.min_8bit_size, 1):
-            if buffer is not Buffer.NU and np.dtype(dtype).kind == "c":
-                raise TypeError(
-                    f"state_dtype='int8' cannot hold the momentum or centered buffers of the complex "
-                    f"parameter params{_tree.path_str(path)} (8-bit codes are real); use state_dtype=None, "
-                    "'float32' or 'float64' for complex parameters."
-                )
-            return self._int8(buffer)
-        if buffer is not Buffer.NU:
-            return self._float(buffer, _dtypes.state_dtypes(dtype, self.state_dtype)[1])
-        nu = self._float(buffer, _dtypes.nu_dtype(dtype, self.state_dtype))
-        return _codecs.FactoredCodec(nu) if self.factored and _factored.is_factored(shape) else nu  # not with int8
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A checked configuration: static and hashable, except for array-valued hyperparameters."""
 
-    def init_buffer(self, buffer: Buffer, params: Any, value: Any) -> Any:
-        """The field of ``buffer`` for ``params``, every element ``value``."""
-        paths, treedef = _tree.leaves_with_paths(params)
-        pairs = []
-        for path, p in paths:
-            codec = self.codec_for_param(buffer, p, path)
-            if buffer is Buffer.NU and self.state_dtype is None and not isinstance(codec, _codecs.Int8Codec):
-                # The parameters' precision decides the dtype: check that it holds decay and eps.
-                _validation.check_survives_dtype(self.decay, self.eps, codec.dtype, explicit=False)
-            pairs.append(codec.init(p, value))
-        key = None
-        if buffer is Buffer.NU and self.stochastic_rounding:  # one rounding key, in S's field
-            key = _stochastic_rounding.new_key(self.rounding_seed)
-        return _storage.pack(treedef, pairs, self.buffer_has_aux(buffer), key)
+    moment: SecondMoment
+    storage: _codecs.Storage
+    on_nonfinite: str
+    descent: Descent | None  # None: scale_by_rms, which returns the normalized gradient
 
-    def codec_for_stored(self, buffer: Buffer, values: Any, aux: Any) -> Any:
-        """The codec of a stored leaf, read off its arrays."""
-        if _storage.is_factored(values, aux):
-            return _codecs.FactoredCodec(self._float(buffer, np.dtype(values.dtype)))
-        if _storage.is_int8(values):
-            return self._int8(buffer)
-        return self._float(buffer, np.dtype(values.dtype))
+    def hyperparameters(self) -> dict[str, Any]:
+        """The values a caller may pass as arrays or trace (``optax.inject_hyperparams``), by name."""
+        m = self.moment
+        out = {"decay": m.decay, "eps": m.eps, "initial_scale": m.initial_scale}
+        if self.descent is not None:
+            d = self.descent
+            out.update(learning_rate=d.learning_rate, momentum=d.momentum, weight_decay=d.weight_decay)
+        return out
 
-    def _int8(self, buffer: Buffer) -> Any:
-        cls = {Buffer.NU: _codecs.Int8EmaCodec, Buffer.MU: _codecs.Int8MeanCodec}.get(buffer, _codecs.Int8Codec)
-        return cls(buffer, self.block_size, self.stochastic_rounding)
+    def replace(self, **values: Any) -> "Plan":
+        """The plan with some :meth:`hyperparameters` replaced (unchecked: placeholders and traced values)."""
+        moment = {k: values[k] for k in ("decay", "eps", "initial_scale") if k in values}
+        descent = {k: v for k, v in values.items() if k not in moment}
+        return dataclasses.replace(
+            self,
+            moment=dataclasses.replace(self.moment, **moment),
+            descent=None if self.descent is None else dataclasses.replace(self.descent, **descent),
+        )
 
-    def _float(self, buffer: Buffer, dtype: np.dtype) -> Any:
-        cls = _codecs.StochasticCodec if self.stochastic_rounding and dtype in _SR_DTYPES else _codecs.FloatCodec
-        return cls(buffer, dtype, saturated=buffer is Buffer.NU)
 
-    def buffer_has_aux(self, buffer: Buffer) -> bool:
-        """Whether the field holds an aux tree: 8-bit scales or factored columns (placeholders elsewhere)."""
-        return self.int8 or (buffer is Buffer.NU and self.factored)
+def make_plan(moment: SecondMoment, args: StorageArgs, on_nonfinite: Any, descent: Descent | None = None) -> Plan:
+    """Checks every option, storage first, then the second moment, then rmsprop's own; returns the plan."""
+    coded, dtype = _parse_state_dtype(args.state_dtype)
+    sr = coded is not None if args.stochastic_rounding is None else args.stochastic_rounding  # 8-bit steps are 3-6%
+    if not isinstance(sr, bool | np.bool_):
+        raise TypeError(f"stochastic_rounding must be a bool or None; got {sr!r}.")
+    _check_bools(args, "factored")
+    if sr and coded is None and dtype not in _SR_DTYPES:
+        raise ValueError(
+            f"stochastic_rounding=True needs a 16-bit or 8-bit state; got state_dtype={args.state_dtype!r}. "
+            "Allowed: state_dtype=jnp.bfloat16, jnp.float16 or 'int8' (float32 and float64 states "
+            "round exactly enough)."
+        )
+    block_size = _coded_option(args, "block_size", coded, 1, "allowed: a positive int, e.g. 256 or 2048")
+    min_size = _coded_option(args, "min_8bit_size", coded, 0, "allowed: an int >= 0")
+    seed = args.rounding_seed
+    if seed is not None:
+        if not sr:
+            raise ValueError(
+                f"rounding_seed={seed!r} applies only with stochastic_rounding=True; got stochastic_rounding=False."
+            )
+        seed = _static_int("rounding_seed", seed, 0, "allowed: an int in [0, 2**64)")
+        if seed >= 2**64:
+            raise ValueError(f"rounding_seed={seed} is not allowed; allowed: an int in [0, 2**64).")
+    if args.factored and moment.centered:
+        raise ValueError(
+            "factored=True with centered=True: the centered variance S - m^2 needs the full S of "
+            "every element, which factoring does not keep. Allowed: factored=True with "
+            "centered=False, or centered=True with factored=False."
+        )
+    if args.factored and coded is not None:
+        raise ValueError(
+            f"factored=True with state_dtype={coded!r}: factored statistics are already O(rows + "
+            "columns); 8-bit codes would save nothing on them. Allowed with factored=True: "
+            "state_dtype=None, a float dtype, or bfloat16/float16 with stochastic_rounding=True."
+        )
+    _check_second_moment(moment)
+    if dtype is not None:
+        _validation.check_survives_dtype(moment.decay, moment.eps, dtype, explicit=True, stochastic_rounding=bool(sr))
+    if descent is not None:
+        _check_descent(descent)
+    storage = _codecs.Storage(
+        dtype=dtype,
+        coded=coded,
+        stochastic=bool(sr),
+        block_size=_quantize.DEFAULT_BLOCK_SIZE if block_size is None else block_size,
+        min_coded_size=_quantize.DEFAULT_MIN_SIZE if min_size is None else min_size,
+        factored=bool(args.factored),
+        seed=0 if seed is None else seed,
+    )
+    return Plan(moment, storage, _nonfinite.check_mode(on_nonfinite), descent)
 
 
 def _static_int(name: str, value: Any, low: int, allowed: str) -> int:
@@ -205,18 +169,18 @@ def _static_int(name: str, value: Any, low: int, allowed: str) -> int:
     return v
 
 
-def _int8_option(cfg: RmsConfig, name: str, int8: bool, low: int, allowed: str) -> int | None:
-    """The integer option ``name`` of 8-bit state: None if not given, an error if given without ``"int8"``."""
-    value = getattr(cfg, name)
+def _coded_option(args: StorageArgs, name: str, coded: str | None, low: int, allowed: str) -> int | None:
+    """The integer option ``name`` of coded state: None if not given, an error if given without codes."""
+    value = getattr(args, name)
     if value is None:
         return None
-    if not int8:
-        raise ValueError(f"{name}={value!r} applies only to state_dtype='int8'; got state_dtype={cfg.state_dtype!r}.")
+    if coded is None:
+        raise ValueError(f"{name}={value!r} applies only to state_dtype='int8'; got state_dtype={args.state_dtype!r}.")
     return _static_int(name, value, low, allowed)
 
 
-def _parse_state_dtype(state_dtype: Any) -> tuple[bool, np.dtype | None]:
-    """``(is_int8, float_dtype)`` for the ``state_dtype`` argument; raises a ValueError for others.
+def _parse_state_dtype(state_dtype: Any) -> tuple[str | None, np.dtype | None]:
+    """``(coded format, float_dtype)`` for the ``state_dtype`` argument; raises a ValueError for others.
 
     An array stands for its dtype: ``optax.inject_hyperparams`` takes a dtype class such as
     ``jnp.bfloat16`` for a schedule and hands over ``jnp.bfloat16(count)``.
@@ -224,11 +188,11 @@ def _parse_state_dtype(state_dtype: Any) -> tuple[bool, np.dtype | None]:
     if isinstance(state_dtype, jax.Array | np.ndarray | np.generic):
         state_dtype = state_dtype.dtype  # read explicitly: np.dtype(array) is deprecated in JAX
     try:
-        if state_dtype is not None and (
-            state_dtype == _INT8 if isinstance(state_dtype, str) else np.dtype(state_dtype) == np.int8
-        ):
-            return True, None
-        return False, _dtypes.canonical_state_dtype(state_dtype)
+        if isinstance(state_dtype, str) and state_dtype in _codecs.CODED_FORMATS:
+            return state_dtype, None
+        if state_dtype is not None and not isinstance(state_dtype, str) and np.dtype(state_dtype) == np.int8:
+            return "int8", None
+        return None, _dtypes.canonical_state_dtype(state_dtype)
     except (TypeError, ValueError):  # np.dtype's TypeError for non-dtypes; canonical_state_dtype's ValueError
         raise ValueError(
             f"state_dtype={state_dtype!r} is not supported; allowed: None (float32 for 16-bit parameters, the "
@@ -243,13 +207,12 @@ def _known(value: Any) -> float | None:
     return None if v is None else float(v)
 
 
-def _check_bools(cfg: RmsConfig, *names: str) -> None:
+def _check_bools(options: object, *names: str) -> None:
     for name in names:
-        if not isinstance(flag := getattr(cfg, name), bool | np.bool_):
-            raise TypeError(f"{name} must be a bool; got {flag!r}.")
+        _validation.check_bool(name, getattr(options, name))
 
 
-def _check_second_moment(cfg: RmsConfig) -> None:
+def _check_second_moment(cfg: SecondMoment) -> None:
     decay, initial_scale = cfg.decay, cfg.initial_scale
     _validation.check_interval("decay", decay, 0.0, 1.0)
     _validation.check_interval("eps", cfg.eps, 0.0, float("inf"), high_open=True)
@@ -276,7 +239,7 @@ def _check_second_moment(cfg: RmsConfig) -> None:
     _check_zero_eps(cfg)
 
 
-def _check_zero_eps(cfg: RmsConfig) -> None:
+def _check_zero_eps(cfg: SecondMoment) -> None:
     """Settings whose every step divides by 0 or by eps alone: a constant S of 0, and eps = 0 where S - m^2 is 0."""
     e, d, s0 = (_known(x) for x in (cfg.eps, cfg.decay, cfg.initial_scale))
     if d == 1.0 and s0 == 0.0:
@@ -297,7 +260,7 @@ def _check_zero_eps(cfg: RmsConfig) -> None:
         )
 
 
-def _check_descent(cfg: RmsConfig) -> None:
+def _check_descent(cfg: Descent) -> None:
     """rmsprop's own options."""
     if cfg.learning_rate is None:
         raise ValueError("learning_rate=None is not allowed; it must be a finite number >= 0 or a schedule.")

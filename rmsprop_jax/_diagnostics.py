@@ -12,9 +12,9 @@ import jax.typing
 import numpy as np
 import optax
 
-from rmsprop_jax import _dtypes, _kernel, _step, _storage, _validation
+from rmsprop_jax import _decode, _dtypes, _kernel, _step, _validation
 from rmsprop_jax._alias import RmspropState
-from rmsprop_jax._config import RmsConfig
+from rmsprop_jax._config import Plan
 from rmsprop_jax._transform import ScaleByRmsState
 
 
@@ -79,7 +79,7 @@ def _injected_hyperparams(state: Any) -> dict[str, Any]:
     return dict(found[0].hyperparams)
 
 
-def _config_of(optimizer: Any, state: Any) -> RmsConfig:
+def _config_of(optimizer: Any, state: Any) -> Plan:
     """The options of ``optimizer`` (one of ours, or ``optax.inject_hyperparams`` of one) that made ``state``."""
     update = getattr(optimizer, "update", None)
     cfg = _step.CONFIGS.get(update) if callable(update) else None
@@ -242,18 +242,21 @@ def effective_learning_rate(
       >>> print(f"{diag.median['w']:.4f} {diag.max['w']:.4f}")
       0.3558 0.6325
     """
-    cfg = _config_of(optimizer, state)
-    rmsprop_made = cfg.learning_rate is not None
+    plan = _config_of(optimizer, state)
+    cfg, descent = plan.moment, plan.descent
     if learning_rate is not None:
-        if rmsprop_made:
+        if descent is not None:
             raise ValueError(
                 "learning_rate is for scale_by_rms, which applies none; this optimizer has its own "
-                f"(learning_rate={cfg.learning_rate!r}), which is used."
+                f"(learning_rate={descent.learning_rate!r}), which is used."
             )
         _validation.check_learning_rate("learning_rate", learning_rate)
-    lr = cfg.learning_rate if rmsprop_made else (1.0 if learning_rate is None else learning_rate)
+    if descent is not None:
+        lr = descent.learning_rate
+    else:
+        lr = 1.0 if learning_rate is None else learning_rate
     # 8-bit codes, factored statistics or 16-bit values as float trees like the parameters.
-    rms = _storage.decode_state(_find_rms_state(state, RmspropState if rmsprop_made else ScaleByRmsState))
+    rms = _decode.decode_state(_find_rms_state(state, ScaleByRmsState if descent is None else RmspropState))
     has_mu = not isinstance(rms.mu, optax.EmptyState)
     if cfg.centered != has_mu:
         built = "with centered=True (it has mu)" if has_mu else "with centered=False (its mu is EmptyState)"
@@ -274,19 +277,12 @@ def _rates(
 
     def rate_leaf(nu: jax.Array, mu: jax.Array | None) -> jax.Array:
         ct = _dtypes.compute_dtype(nu.dtype)
-        v = nu.astype(ct)
         debias = None
         if bias_correction:
             debias = 1 - jnp.asarray(decay).astype(ct) ** count.astype(ct)
             debias = jnp.where(count > 0, debias, jnp.ones_like(debias))
-            v = v / debias
-        if mu is not None:
-            parts = (mu.real, mu.imag) if jnp.iscomplexobj(mu) else (mu,)
-            m2 = jnp.zeros_like(v)
-            for part in parts:
-                part = part.astype(ct) if debias is None else part.astype(ct) / debias
-                m2 = m2 + part * part
-            v = jnp.maximum(v - m2, 0)
+        mu_c = None if mu is None else _dtypes.as_compute(mu, ct)
+        v = _kernel.variance(nu.astype(ct), mu_c, debias)
         e = jnp.asarray(eps).astype(ct)
         return jnp.asarray(lr).astype(ct) / _kernel.denominator(v, e, eps_in_sqrt)
 

@@ -24,17 +24,38 @@ gradients zero so far, with ``initial_scale=0``) reconstructs to zero.
 """
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rmsprop_jax import _kernel
+from rmsprop_jax._codecs import Codec, StepContext
+from rmsprop_jax._kernel import RmsOptions, StepScalars
+from rmsprop_jax._storage import Leaf, full_reduced
 
 
 def is_factored(shape: tuple[int, ...]) -> bool:
     """Whether a leaf of ``shape`` is factored: two or more dimensions."""
     return len(shape) >= 2
+
+
+def holds(leaf: Leaf) -> bool:
+    """Whether a stored leaf of ``S`` is factored: row statistics, and column statistics in aux."""
+    return leaf.aux is not None and np.ndim(leaf.aux) > 0 and jnp.issubdtype(leaf.values.dtype, jnp.floating)
+
+
+def init(param: jax.Array | jax.ShapeDtypeStruct, value: float | jax.Array, dtype: np.dtype) -> Leaf:
+    """The stored statistics of a parameter, every one ``value``: rows as values, columns as aux."""
+    shape = tuple(np.shape(param))
+    rows = full_reduced(param, row_shape(shape), value, dtype, -1)
+    return Leaf(rows, full_reduced(param, col_shape(shape), value, dtype, -2))
+
+
+def param_shape(leaf: Leaf) -> jax.ShapeDtypeStruct:
+    """The shape of the parameter whose statistics ``leaf`` holds."""
+    assert leaf.aux is not None
+    return jax.ShapeDtypeStruct((*leaf.values.shape, leaf.aux.shape[-1]), leaf.values.dtype)
 
 
 def row_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -112,8 +133,8 @@ def normalize(
     g: jax.Array,
     row: jax.Array,
     col: jax.Array,
-    scalars: Any,
-    opts: Any,
+    scalars: StepScalars,
+    opts: RmsOptions,
     s_max: float,
     split: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -167,3 +188,23 @@ def normalize(
         v = v / scalars.debias
     den = _kernel.denominator(v, scalars.eps, opts.eps_in_sqrt)
     return _kernel.quotient(g, den, opts.eps_may_be_zero), row_new, col_new
+
+
+def step(
+    g: jax.Array, leaf: Leaf, rows: Codec, columns: Codec, opts: RmsOptions, ctx: StepContext
+) -> tuple[jax.Array, Leaf]:
+    """:func:`normalize` on a stored leaf, and the new statistics stored by their codecs.
+
+    Inside ``jax.shard_map`` the rows keep the parameter's split of every axis but the
+    last, the columns of every axis but the second-to-last (the step summed over those).
+    """
+    assert leaf.aux is not None
+    lay = ctx.layout
+    split = ((), ()) if lay is None else (lay[-2], lay[-1])
+    ct = ctx.ct
+    u, row, col = normalize(g, leaf.values.astype(ct), leaf.aux.astype(ct), ctx.scalars, opts, rows.top, split)
+    row_ctx = ctx if lay is None else ctx.with_layout(lay[:-1])
+    col_ctx = ctx if lay is None else ctx.with_layout((*lay[:-2], lay[-1]))
+    new_rows, _ = rows.encode(row, Leaf(leaf.values, None), row_ctx)
+    new_cols, _ = columns.encode(col, Leaf(leaf.aux, None), col_ctx)
+    return u, Leaf(new_rows.values, new_cols.values)

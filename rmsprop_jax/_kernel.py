@@ -331,9 +331,7 @@ def rms_normalize(
         mu_out, mu_new = store_mu(mu_new)
 
     # The textbook denominator.
-    var = nu_new if b is None else nu_new / b
-    if mu_new is not None:
-        var = maximum(var - abs_sq(mu_new if b is None else divide(mu_new, b)), jnp.zeros_like(var))
+    var = variance(nu_new, mu_new, b)
     # With eps outside the root, ``den`` is sqrt(v) until eps is added at the end.
     den = root(var, s.eps, opts.eps_in_sqrt, not opts.eps_may_be_zero)
 
@@ -379,6 +377,18 @@ def rms_normalize(
 
 Store = Callable[[jax.Array], tuple[Any, jax.Array]]
 """Maps a new state value (compute dtype) to ``(stored form, its decoded value)``."""
+
+
+def variance(nu: jax.Array, mu: jax.Array | None, debias: jax.Array | None) -> jax.Array:
+    r"""The variance RMSprop divides by: :math:`\hat S`, or :math:`\max(\hat S - |\hat m|^2, 0)` when centered.
+
+    The hats divide by ``debias`` (:math:`1 - \rho^t`) when it is given. The clamp at 0:
+    in floating point the difference of two nearly equal numbers can come out negative.
+    """
+    var = nu if debias is None else nu / debias
+    if mu is None:
+        return var
+    return maximum(var - abs_sq(mu if debias is None else divide(mu, debias)), jnp.zeros_like(var))
 
 
 def root(v: jax.Array, eps: jax.Array, eps_in_sqrt: bool, eps_positive: bool = False) -> jax.Array:

@@ -58,11 +58,6 @@ def _check_momentum(name: str, value: Any) -> None:
     _validation.check_interval(name, value, 0.0, 1.0, high_open=True)
 
 
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name} must be a bool; got {value!r}.")
-
-
 def _momentum_or_none(momentum: Any) -> Any:
     """``None`` (no buffer) for a momentum known to be 0; a zero-momentum buffer only copies the step."""
     known = _validation.concrete(momentum)
@@ -189,8 +184,8 @@ def pytorch(
     _check_nonneg("eps", eps)
     _check_nonneg("weight_decay", weight_decay)
     _check_momentum("momentum", momentum)
-    _check_bool("centered", centered)
-    _check_bool("maximize", maximize)
+    _validation.check_bool("centered", centered)
+    _validation.check_bool("maximize", maximize)
     inner = rmsprop(
         lr,
         decay=alpha,
@@ -270,7 +265,7 @@ def keras(
     _check_unit("rho", rho)
     _check_momentum("momentum", momentum)
     _check_nonneg("epsilon", epsilon)
-    _check_bool("centered", centered)
+    _validation.check_bool("centered", centered)
     if weight_decay is not None:
         _check_nonneg("weight_decay", weight_decay)
     return rmsprop(
@@ -340,7 +335,7 @@ def tf1(
     _check_unit("decay", decay)
     _check_momentum("momentum", momentum)
     _check_nonneg("epsilon", epsilon)
-    _check_bool("centered", centered)
+    _validation.check_bool("centered", centered)
     return rmsprop(
         learning_rate,
         decay=decay,
@@ -412,12 +407,12 @@ def optax(
     _check_unit("decay", decay)
     _check_nonneg("eps", eps)
     _check_nonneg("initial_scale", initial_scale)
-    _check_bool("eps_in_sqrt", eps_in_sqrt)
-    _check_bool("centered", centered)
+    _validation.check_bool("eps_in_sqrt", eps_in_sqrt)
+    _validation.check_bool("centered", centered)
     if momentum is not None:
         _check_momentum("momentum", momentum)
-    _check_bool("nesterov", nesterov)
-    _check_bool("bias_correction", bias_correction)
+    _validation.check_bool("nesterov", nesterov)
+    _validation.check_bool("bias_correction", bias_correction)
     return rmsprop(
         learning_rate,
         decay=decay,

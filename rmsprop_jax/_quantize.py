@@ -353,11 +353,6 @@ def blocked(x: jax.Array, nb: int, mode: str = "constant") -> tuple[jax.Array, i
     return x.reshape(*x.shape[:-1], nb, b), n, b
 
 
-def unblocked(x: jax.Array, n: int) -> jax.Array:
-    x = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
-    return x if x.shape[-1] == n else x[..., :n]
-
-
 def _tiny() -> jax.Array:
     return jnp.float32(np.finfo(np.float32).tiny)
 

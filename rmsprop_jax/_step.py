@@ -7,13 +7,10 @@ its codec's business (:mod:`._codecs`); nothing here depends on it.
 """
 
 import contextlib
-import copy
-import dataclasses
 import functools
-import math
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +19,22 @@ import optax
 from jax.core import Tracer
 from jax.sharding import PartitionSpec
 
-from rmsprop_jax import _codecs, _dtypes, _factored, _kernel, _nonfinite, _quantize, _storage, _tree, _validation
-from rmsprop_jax._codecs import Buffer, StepContext
-from rmsprop_jax._config import RmsConfig
+from rmsprop_jax import (
+    _codecs,
+    _dtypes,
+    _factored,
+    _kernel,
+    _nonfinite,
+    _stochastic_rounding,
+    _storage,
+    _tree,
+    _validation,
+)
+from rmsprop_jax._codecs import Buffer, Codec, StepContext, Storage, codec_of
+from rmsprop_jax._config import Plan
 from rmsprop_jax._kernel import StepScalars
 from rmsprop_jax._stochastic_rounding import Layout
+from rmsprop_jax._storage import Leaf
 
 
 STATE_NAME = "the optimizer state (built from params)"
@@ -37,20 +45,102 @@ _NO_PARAMS = (
 )
 
 
-def init(cfg: RmsConfig, params: Any) -> dict[str, Any]:
-    """The fields of a fresh state (``trace`` for rmsprop only; buffers absent from the config are empty)."""
+class LeafCodecs(NamedTuple):
+    """How one leaf's buffers are stored, read once per step from the stored arrays."""
+
+    nu: Codec  # S's codec (factored: the row statistics')
+    mu: Codec | None  # m's, when centered
+    trace: Codec | None  # the momentum buffer's, when there is one
+    columns: Codec | None  # factored S's column statistics' (None: S is not factored)
+
+    @property
+    def factored(self) -> bool:
+        """Whether S is factored (another estimator: nu holds its row and column statistics)."""
+        return self.columns is not None
+
+    def param_shape(self, nu: Leaf) -> Any:
+        """The parameter's shape and dtype, from the stored ``S``."""
+        return _factored.param_shape(nu) if self.factored else self.nu.param_shape(nu)
+
+
+def leaf_codecs(storage: Storage, nu: Leaf, mu: Leaf | None, trace: Leaf | None) -> LeafCodecs:
+    """The codecs of one leaf's stored buffers (:func:`_codecs.codec_of`)."""
+
+    def of(buffer: Buffer, leaf: Leaf | None) -> Codec | None:
+        return None if leaf is None else codec_of(buffer, leaf, storage)
+
+    nu_codec = of(Buffer.NU, nu)
+    assert nu_codec is not None
+    columns = of(Buffer.COLUMNS, Leaf(nu.aux, None)) if nu.aux is not None and _factored.holds(nu) else None
+    return LeafCodecs(nu_codec, of(Buffer.MU, mu), of(Buffer.TRACE, trace), columns)
+
+
+def init(plan: Plan, params: Any) -> dict[str, Any]:
+    """The fields of a fresh state (``trace`` for rmsprop only; buffers absent from the plan are empty)."""
+    moment, descent = plan.moment, plan.descent
     fields = {
         "count": jnp.zeros([], jnp.int32),
-        "nu": cfg.init_buffer(Buffer.NU, params, cfg.initial_scale),
-        "mu": cfg.init_buffer(Buffer.MU, params, 0) if cfg.centered else optax.EmptyState(),
+        "nu": _init_buffer(plan, Buffer.NU, params, moment.initial_scale),
+        "mu": _init_buffer(plan, Buffer.MU, params, 0) if moment.centered else optax.EmptyState(),
     }
-    if cfg.learning_rate is not None:  # rmsprop's state
-        fields["trace"] = cfg.init_buffer(Buffer.TRACE, params, 0) if cfg.momentum is not None else optax.EmptyState()
-    return {**fields, "nonfinite_count": _nonfinite.init_count(cfg.on_nonfinite)}
+    if descent is not None:
+        has_trace = descent.momentum is not None
+        fields["trace"] = _init_buffer(plan, Buffer.TRACE, params, 0) if has_trace else optax.EmptyState()
+    return {**fields, "nonfinite_count": _nonfinite.init_count(plan.on_nonfinite)}
+
+
+def _init_buffer(plan: Plan, buffer: Buffer, params: Any, value: Any) -> Any:
+    """The field of ``buffer`` for ``params``, every element ``value``."""
+    storage = plan.storage
+    paths, treedef = _tree.leaves_with_paths(params)
+    new = [_init_leaf(plan, buffer, p, path, value) for path, p in paths]
+    key = None
+    if buffer is Buffer.NU and storage.stochastic:  # one rounding key, in S's field
+        key = _stochastic_rounding.new_key(storage.seed)
+    has_aux = storage.coded is not None or (buffer is Buffer.NU and storage.factored)
+    return _storage.pack(treedef, new, has_aux, key)
+
+
+def _init_leaf(plan: Plan, buffer: Buffer, param: Any, path: Any, value: Any) -> Leaf:
+    """The stored leaf of ``buffer`` for one parameter (array or shape struct) at ``path``."""
+    storage = plan.storage
+    shape, dtype = tuple(np.shape(param)), _tree.leaf_dtype(param)
+    # An integer or boolean leaf (a step counter in an Equinox model): optax keeps a state for
+    # it too, in float32. It gets no gradient (None) from jax.grad or eqx.filter_grad, so it never steps.
+    is_float = _dtypes.is_float_dtype(dtype)
+    if is_float and storage.coded_leaf(shape):
+        if buffer is not Buffer.NU and np.dtype(dtype).kind == "c":
+            raise TypeError(
+                f"state_dtype={storage.coded!r} cannot hold the momentum or centered buffers of the complex "
+                f"parameter params{_tree.path_str(path)} (8-bit codes are real); use state_dtype=None, "
+                "'float32' or 'float64' for complex parameters."
+            )
+        return _codecs.coded_codec(buffer, storage).init(param, value)
+    if not is_float:
+        return _init_float(plan, buffer, param, value, np.dtype(np.float32))
+    if buffer is not Buffer.NU:
+        return _init_float(plan, buffer, param, value, _dtypes.state_dtypes(dtype, storage.dtype)[1])
+    nu_dtype = _dtypes.nu_dtype(dtype, storage.dtype)
+    if storage.factored and _factored.is_factored(shape):
+        _check_param_precision(plan, nu_dtype)
+        return _factored.init(param, value, nu_dtype)
+    return _init_float(plan, buffer, param, value, nu_dtype)
+
+
+def _init_float(plan: Plan, buffer: Buffer, param: Any, value: Any, dtype: np.dtype) -> Leaf:
+    if buffer is Buffer.NU:
+        _check_param_precision(plan, dtype)
+    return _codecs.float_codec(buffer, dtype, plan.storage).init(param, value)
+
+
+def _check_param_precision(plan: Plan, nu_dtype: np.dtype) -> None:
+    if plan.storage.dtype is None:
+        # The parameters' precision decides the dtype: check that it holds decay and eps.
+        _validation.check_survives_dtype(plan.moment.decay, plan.moment.eps, nu_dtype, explicit=False)
 
 
 def update(
-    cfg: RmsConfig,
+    plan: Plan,
     updates: Any,
     state: Any,
     params: Any,
@@ -64,57 +154,63 @@ def update(
     None update and leaves that leaf's buffers as they are, as ``optax.rmsprop`` does.
     ``specs``: one ``PartitionSpec`` (or None) per leaf, from ``partition_specs`` (static).
     """
-    mode = cfg.on_nonfinite
+    moment, descent, mode = plan.moment, plan.descent, plan.on_nonfinite
     _nonfinite.check_counter(mode, state.nonfinite_count)
     values = _storage.values_of(state.nu)
     treedef = jax.tree.structure(values)
     n = treedef.num_leaves
-    fields = {"nu": True, "mu": cfg.centered, "trace": cfg.momentum is not None}  # the buffers present
+    has_trace = descent is not None and descent.momentum is not None
+    fields = {"nu": True, "mu": moment.centered, "trace": has_trace}  # the buffers present
     nus, mus, bufs = (_storage.leaves(getattr(state, f), n) if on else [None] * n for f, on in fields.items())
-    refs = [cfg.codec_for_stored(Buffer.NU, *nu).param_shape(*nu) for nu in nus]
+    codecs = [leaf_codecs(plan.storage, *leaf) for leaf in zip(nus, mus, bufs, strict=True)]
+    refs = [c.param_shape(nu) for c, nu in zip(codecs, nus, strict=True)]
     kinds = bufs if fields["trace"] else mus  # leaves that are complex exactly when the parameter is
     # NumPy bfloat16 inputs must not promote: gradients become jax arrays before any check.
     grads = _checked_leaves("updates", updates, treedef, values, refs, kinds, jnp.asarray)
     present = [g is not None for g in grads]
-    layouts = _shard_layouts(cfg, specs, values, refs, present, nus, mus, bufs)
+    layouts = _shard_layouts(plan.storage, specs, values, refs, present, codecs)
     gs, all_finite = _nonfinite.screen(mode, [g for g in grads if g is not None])
     ps: list[Any] = [None] * n
-    if cfg.use_weight_decay and n:
+    use_wd = descent is not None and descent.use_weight_decay
+    if use_wd and n:
+        assert descent is not None
         if params is None:
-            raise ValueError(_NO_PARAMS.format(wd=_validation.describe(cfg.weight_decay)))
+            raise ValueError(_NO_PARAMS.format(wd=_validation.describe(descent.weight_decay)))
         ps = _checked_leaves("params", params, treedef, values, refs, [None] * n, lambda p: p, present)
 
     count = jnp.asarray(optax.safe_increment(state.count))
 
     @functools.cache  # once per compute dtype while tracing
     def scalars(ct: np.dtype) -> StepScalars:
-        decay = cfg.decay if decay_t is None else decay_t
-        lr = cfg.learning_rate if lr_t is None else lr_t
-        wd = cfg.weight_decay if cfg.use_weight_decay else None
-        return _kernel.step_scalars(ct, count, cfg.bias_correction, decay, cfg.eps, lr, cfg.momentum, wd)
+        decay = moment.decay if decay_t is None else decay_t
+        if descent is None:
+            return _kernel.step_scalars(ct, count, moment.bias_correction, decay, moment.eps, None, None, None)
+        lr = descent.learning_rate if lr_t is None else lr_t
+        wd = descent.weight_decay if use_wd else None
+        return _kernel.step_scalars(ct, count, moment.bias_correction, decay, moment.eps, lr, descent.momentum, wd)
 
     key = state.nu.key if isinstance(state.nu, _storage.StoredBuffer) else None
-    step = functools.partial(leaf_step, cfg)
-    if not cfg.stochastic_rounding:  # jitted: equal leaves are then traced once
+    stochastic = plan.storage.stochastic
+    step = functools.partial(leaf_step, plan)
+    if not stochastic:  # jitted: equal leaves are then traced once
         with contextlib.suppress(TypeError):  # unhashable: array-valued hyperparameters (optax.inject_hyperparams)
-            step = _jitted_leaf_step(cfg)
-    outs = []
+            step = _jitted_leaf_step(plan)
+    outs: list[LeafOutputs] = []
     screened = iter(gs)
-    for i, (here, p, nu, mu, b, lay) in enumerate(zip(present, ps, nus, mus, bufs, layouts, strict=True)):
+    for i, (here, p, nu, mu, b, lay, c) in enumerate(zip(present, ps, nus, mus, bufs, layouts, codecs, strict=True)):
         if not here:  # a None gradient: no update, the buffers as stored
-            outs.append((None, nu, mu, b))
+            outs.append(LeafOutputs(None, nu, mu, b))
             continue
         g = next(screened)
-        s = scalars(_dtypes.compute_dtype(g.dtype, nu[0].dtype))
+        s = scalars(_dtypes.compute_dtype(g.dtype, nu.values.dtype))
         # The leaf's position matters only to random streams; 0 lets equal leaves share one trace.
-        outs.append(step(s, key, state.count, i if cfg.stochastic_rounding else 0, lay, g, p, nu, mu, b))
-    columns = list(zip(*outs, strict=True)) or [[]] * 4
-    buffers = zip(fields.items(), columns[1:], strict=True)
-    new = {f: _storage.rebuild(getattr(state, f), treedef, list(c)) for (f, on), c in buffers if on}
+        where = LeafPlace(i if stochastic else 0, lay, c)
+        outs.append(step(where, s, key, state.count, LeafInputs(g, p, nu, mu, b)))
+    new = {f: _storage.rebuild(getattr(state, f), treedef, [getattr(o, f) for o in outs]) for f in fields if fields[f]}
     new_state = _nonfinite.skip_state(mode, all_finite, state._replace(count=count, **new), state)._replace(
         nonfinite_count=_nonfinite.next_count(mode, state.nonfinite_count, all_finite)
     )
-    return _nonfinite.skip_updates(mode, all_finite, jax.tree.unflatten(treedef, list(columns[0]))), new_state
+    return _nonfinite.skip_updates(mode, all_finite, jax.tree.unflatten(treedef, [o.update for o in outs])), new_state
 
 
 def _checked_leaves(
@@ -153,24 +249,13 @@ def _checked_leaves(
     return out
 
 
-_SHARD_MAP_NEEDS = {
-    _codecs.StochasticCodec: "its stochastic rounding draws each element's random bits from its index in the whole "
-    "array",
-    _codecs.FactoredCodec: "its factored S averages over whole rows and columns",
-    _codecs.Int8Codec: "its 8-bit codes live in blocks along the last axis (and stochastic rounding keys their random "
-    "bits by each element's index in the whole array)",
-}
-
-
 def _shard_layouts(
-    cfg: RmsConfig,
+    storage: Storage,
     specs: tuple[Any, ...] | None,
     values: Any,
     refs: list[Any],
     present: list[bool],
-    nus: list[Any],
-    mus: list[Any],
-    bufs: list[Any],
+    codecs: list[LeafCodecs],
 ) -> list[Layout | None]:
     """Per leaf, where this shard sits (:data:`_stochastic_rounding.Layout`) inside ``jax.shard_map``, else None.
 
@@ -183,10 +268,11 @@ def _shard_layouts(
         return [None] * len(refs)
     paths = [path for path, _ in _tree.leaves_with_paths(values)[0]]
     out: list[Layout | None] = []
-    for i, (path, ref, here) in enumerate(zip(paths, refs, present, strict=True)):
-        stored = zip((Buffer.NU, Buffer.MU, Buffer.TRACE), (nus[i], mus[i], bufs[i]), strict=True)
-        codecs = [cfg.codec_for_stored(buf, *x) for buf, x in stored if x is not None]
-        needs = [why for cls, why in _SHARD_MAP_NEEDS.items() if any(isinstance(c, cls) for c in codecs)]
+    for i, (path, ref, here, c) in enumerate(zip(paths, refs, present, codecs, strict=True)):
+        stored = (c.mu, c.trace) if c.factored else (c.nu, c.mu, c.trace)
+        needs = [x.shard_map_needs for x in stored if x is not None and x.shard_map_needs]
+        if c.factored:
+            needs.append("its factored S averages over whole rows and columns")
         if not here or not needs:
             out.append(None)
             continue
@@ -198,8 +284,10 @@ def _shard_layouts(
                 "opt.update(grads, state, params, partition_specs=param_specs) (P() for a replicated parameter)."
             )
         lay = _layout(specs[i], len(ref.shape), manual, path)
-        if lay is not None and any(isinstance(c, _codecs.Int8Codec) for c in codecs):
-            _check_blocks(lay, tuple(ref.shape), cfg.block_size, path)
+        if lay is not None:
+            for x in stored:
+                if x is not None:
+                    x.check_shard(lay, tuple(ref.shape), path)
         out.append(lay)
     return out
 
@@ -219,108 +307,110 @@ def _layout(spec: Any, ndim: int, manual: tuple[str, ...], path: Any) -> Layout 
     return tuple(lay) if any(lay) else None
 
 
-def _check_blocks(lay: Layout, shape: tuple[int, ...], block_size: int, path: Any) -> None:
-    """Refuses a split last axis whose shards' 8-bit blocks are not the whole array's blocks."""
-    if not lay[-1]:
-        return
-    sizes = jax.sharding.get_abstract_mesh().shape
-    n = shape[-1]
-    whole = n * math.prod(sizes[a] for a in lay[-1])
-    nb, nb_whole = _quantize.n_blocks(n, block_size), _quantize.n_blocks(whole, block_size)
-    b = _quantize.block_length(n, nb)
-    if nb * b != n or b != _quantize.block_length(whole, nb_whole):
-        raise ValueError(
-            f"params{_tree.path_str(path)} is 8-bit with its last axis split over {lay[-1]}: a shard's {n} elements "
-            f"do not make whole blocks of the {whole}-element axis (block_size={block_size}), so its blocks would "
-            "differ from the unsharded step's. Split another axis, or pick a block_size whose blocks tile each shard."
-        )
+class LeafPlace(NamedTuple):
+    """The static facts of one leaf's step."""
+
+    position: int  # the flatten position (read only by random streams; 0 without stochastic rounding)
+    layout: Layout | None  # inside jax.shard_map, where this shard sits in the whole array (None: it is whole)
+    codecs: LeafCodecs
+
+
+class LeafInputs(NamedTuple):
+    """One leaf's gradient, parameter (None unless weight decay reads it) and stored buffers (None if absent)."""
+
+    g: jax.Array
+    param: jax.Array | None
+    nu: Leaf
+    mu: Leaf | None
+    trace: Leaf | None
+
+
+class LeafOutputs(NamedTuple):
+    """One leaf's update and new stored buffers (None where absent)."""
+
+    update: jax.Array | None
+    nu: Leaf
+    mu: Leaf | None
+    trace: Leaf | None
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_leaf_step(cfg: RmsConfig) -> Callable[..., Any]:
-    """:func:`leaf_step` for ``cfg``, jitted (the flatten position, only read by random streams, and the layout static).
+def _jitted_leaf_step(plan: Plan) -> Callable[..., LeafOutputs]:
+    """:func:`leaf_step` for ``plan``, jitted (the leaf's static facts static).
 
     Compile time grows with the number of leaves; tracing each one anew was about half of
     it. XLA inlines the calls, so the compiled step is the same. Not with stochastic
-    rounding, whose random streams depend on the leaf's position, nor for a
-    configuration holding traced hyperparameters, which cannot be hashed.
+    rounding, whose random streams depend on the leaf's position, nor for a plan holding
+    traced hyperparameters, which cannot be hashed.
     """
-    return jax.jit(functools.partial(leaf_step, cfg), static_argnums=(3, 4))
+    return jax.jit(functools.partial(leaf_step, plan), static_argnums=(0,))
 
 
 def leaf_step(
-    cfg: RmsConfig,
-    s: StepScalars,
-    key: Any,
-    step: jax.Array,
-    leaf: int,
-    layout: Layout | None,
-    g: jax.Array,
-    p: Any,
-    nu: Any,
-    mu: Any,
-    b: Any,
-) -> tuple[jax.Array, Any, Any, Any]:
-    """One leaf at flatten position ``leaf``, ``step`` updates done before: ``(update, nu, mu, trace)``.
-
-    Buffers are ``(values, aux)`` pairs as stored (None if absent). ``layout``: inside
-    ``jax.shard_map``, where this shard sits in the whole array (None: it is whole).
-    """
-    ct = _dtypes.compute_dtype(g.dtype, nu[0].dtype)
+    plan: Plan, where: LeafPlace, s: StepScalars, key: jax.Array | None, step: jax.Array, x: LeafInputs
+) -> LeafOutputs:
+    """One leaf's step, ``step`` updates done before: maximize and coupled weight decay, the normalization
+    (:func:`_kernel.rms_normalize`, or the factored estimator), momentum, decoupled weight decay."""
+    moment, descent, codecs = plan.moment, plan.descent, where.codecs
+    g, p = x.g, x.param
+    ct = _dtypes.compute_dtype(g.dtype, x.nu.values.dtype)
     gc = _dtypes.as_compute(g, ct)
-    if cfg.maximize:
+    if descent is not None and descent.maximize:
         gc = -gc
-    pc: Any = None if p is None else _dtypes.as_compute(p, ct)
-    coupled = s.weight_decay is not None and not cfg.decoupled_weight_decay
+    pc = None if p is None else _dtypes.as_compute(p, ct)
+    coupled = s.weight_decay is not None and descent is not None and not descent.decoupled_weight_decay
     if coupled:
-        assert s.weight_decay is not None
+        assert s.weight_decay is not None and pc is not None
         gc = _kernel.add_weight_decay(gc, s.weight_decay, pc)
-    ctx = StepContext(key, step, leaf, ct, s, gc, None, layout)
-    nu_codec = cfg.codec_for_stored(Buffer.NU, *nu)
-    mu_codec: Any = None if mu is None else cfg.codec_for_stored(Buffer.MU, *mu)
-    if isinstance(nu_codec, _codecs.Int8Codec) or isinstance(mu_codec, _codecs.Int8Codec):
-        # One per-block bound of |g + wd p| for the 8-bit scales, shared by S and m.
-        wd = s.weight_decay if coupled else None
-        ctx = ctx._replace(bound=_codecs.grad_block_bound(g, cfg.block_size, p if coupled else None, wd))
+    bound_inputs = (g, p, s.weight_decay) if coupled else (g, None, None)
+    ctx = StepContext(key, step, where.position, s, gc, where.layout, bound_inputs)
 
-    if isinstance(nu_codec, _codecs.FactoredCodec):  # a different estimator of S
-        split = ((), ()) if layout is None else (layout[-2], layout[-1])
-        u, row, col = _factored.normalize(
-            gc, nu[0].astype(ct), nu[1].astype(ct), s, cfg.rms_options, nu_codec.rows.top, split
-        )
-        nu_new, mu_new = nu_codec.encode(row, col, ctx), None
+    mu_new = None
+    if codecs.columns is not None:  # factored: another estimator of S, from row and column statistics
+        u, nu_new = _factored.step(gc, x.nu, codecs.nu, codecs.columns, moment.rms_options, ctx)
     else:
-        keep_nu = nu_codec.keep(nu, ctx)
-        keep_mu = None if mu is None else mu_codec.keep(mu, ctx)
-        mu_c = None if mu is None else mu_codec.decode(mu, ct)
+        nu_store = _store(codecs.nu, x.nu, ctx)
+        mu_store = None if x.mu is None or codecs.mu is None else _store(codecs.mu, x.mu, ctx)
+        mu_c = None if x.mu is None or codecs.mu is None else codecs.mu.decode(x.mu, ct)
         u, nu_out, mu_out = _kernel.rms_normalize(
-            gc, nu_codec.decode(nu, ct), mu_c, s, cfg.rms_options, nu_codec.top, keep_nu, keep_mu
+            gc, codecs.nu.decode(x.nu, ct), mu_c, s, moment.rms_options, codecs.nu.top, nu_store, mu_store
         )
-        nu_new = _stored(nu_codec, keep_nu, nu_out, nu, ctx)
-        mu_new = None if mu_codec is None else _stored(mu_codec, keep_mu, mu_out, mu, ctx)
+        nu_new = _kept(codecs.nu, nu_store, nu_out, x.nu, ctx)
+        if x.mu is not None and codecs.mu is not None:
+            mu_new = _kept(codecs.mu, mu_store, mu_out, x.mu, ctx)
 
-    if s.lr is None:  # scale_by_rms: the normalized gradient itself
-        return u.astype(g.dtype), nu_new, mu_new, None
-    b_new = None
-    if b is None:
+    if descent is None:  # scale_by_rms: the normalized gradient itself
+        return LeafOutputs(u.astype(g.dtype), nu_new, mu_new, None)
+    assert s.lr is not None
+    trace_new = None
+    if x.trace is None or codecs.trace is None:
         delta = _kernel.scale(s.lr, u)
     else:
-        codec = cfg.codec_for_stored(Buffer.TRACE, *b)
-        keep_b = codec.keep(b, ctx)
-        delta, b_out = _kernel.momentum(u, codec.decode(b, ct), s, cfg.nesterov, cfg.lr_after_momentum, keep_b)
-        b_new = _stored(codec, keep_b, b_out, b, ctx)
-    if s.weight_decay is not None and cfg.decoupled_weight_decay:
+        trace_store = _store(codecs.trace, x.trace, ctx)
+        delta, trace_out = _kernel.momentum(
+            u, codecs.trace.decode(x.trace, ct), s, descent.nesterov, descent.lr_after_momentum, trace_store
+        )
+        trace_new = _kept(codecs.trace, trace_store, trace_out, x.trace, ctx)
+    if s.weight_decay is not None and descent.decoupled_weight_decay:
+        assert pc is not None
         delta = _kernel.add_weight_decay(delta, s.lr * s.weight_decay, pc)
-    return (-delta).astype(g.dtype), nu_new, mu_new, b_new
+    return LeafOutputs((-delta).astype(g.dtype), nu_new, mu_new, trace_new)
 
 
-def _stored(codec: Any, keep: Any, out: Any, old: Any, ctx: StepContext) -> Any:
-    """``out`` as stored: ``keep`` already encoded it, else the codec encodes it now."""
-    return out if keep is not None else codec.encode(out, old, ctx)
+def _store(codec: Codec, old: Leaf, ctx: StepContext) -> _codecs.Store | None:
+    """The codec's encode for the normalization to call, when the update reads the value as stored; else None."""
+    if not codec.read_as_stored(ctx.ct):
+        return None
+    return functools.partial(codec.encode, old=old, ctx=ctx)
 
 
-def compiled(cfg: RmsConfig) -> Callable[..., Any]:
-    """:func:`update` for ``cfg``, as one compiled XLA computation whenever it is called eagerly.
+def _kept(codec: Codec, store: _codecs.Store | None, out: Any, old: Leaf, ctx: StepContext) -> Leaf:
+    """The new stored leaf: ``out`` itself when ``store`` already encoded it, else encoded now."""
+    return out if store is not None else codec.encode(out, old, ctx)[0]
+
+
+def compiled(plan: Plan) -> Callable[..., Any]:
+    """:func:`update` for ``plan``, as one compiled XLA computation whenever it is called eagerly.
 
     Called eagerly, the update is one compiled XLA computation, the same one a caller's
     ``jax.jit`` traces into: results do not depend on whether the caller jits (XLA
@@ -338,22 +428,19 @@ def compiled(cfg: RmsConfig) -> Callable[..., Any]:
     * Traced hyperparameters (the caller's ``jax.jit`` or ``vmap``): the step as is,
       inlined into the caller's trace.
     """
-    step = functools.partial(update, cfg)
-    hyperparameters = (cfg.learning_rate, cfg.decay, cfg.eps, cfg.momentum, cfg.weight_decay)
-    if all(_static(h) for h in hyperparameters):
+    step = functools.partial(update, plan)
+    hyperparameters = plan.hyperparameters()
+    if all(_static(v) for k, v in hyperparameters.items() if k != "initial_scale"):  # read by init only
         return jax.jit(step, static_argnames="specs")
-    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    if any(isinstance(v, Tracer) for v in fields.values()):
+    if any(isinstance(v, Tracer) for v in hyperparameters.values()):
         return step
-    arrays = {k: v for k, v in fields.items() if isinstance(v, jax.Array)}
-    skeleton = copy.copy(cfg)
-    for name in arrays:
-        object.__setattr__(skeleton, name, _TRACED)
-    if "weight_decay" in arrays and not cfg.use_weight_decay:  # 0: no weight decay, as the value says
-        object.__setattr__(skeleton, "weight_decay", 0.0)
+    arrays = {k: v for k, v in hyperparameters.items() if isinstance(v, jax.Array)}
+    placeholders: dict[str, Any] = dict.fromkeys(arrays, _TRACED)
+    if "weight_decay" in arrays and plan.descent is not None and not plan.descent.use_weight_decay:
+        placeholders["weight_decay"] = 0.0  # 0: no weight decay, as the value says
         del arrays["weight_decay"]
     try:
-        jitted = _with_array_hyperparameters(skeleton)
+        jitted = _with_array_hyperparameters(plan.replace(**placeholders))
     except TypeError:  # unhashable (NumPy arrays beside jax ones): op by op, as the arrays demand
         return step
 
@@ -378,14 +465,11 @@ _TRACED = _Traced()
 
 
 @functools.lru_cache(maxsize=64)
-def _with_array_hyperparameters(skeleton: RmsConfig) -> Callable[..., Any]:
-    """The jitted update for configurations equal to ``skeleton`` up to its ``_TRACED`` hyperparameters."""
+def _with_array_hyperparameters(skeleton: Plan) -> Callable[..., Any]:
+    """The jitted update for plans equal to ``skeleton`` up to its ``_TRACED`` hyperparameters."""
 
     def run(arrays: dict[str, jax.Array], *args: Any, specs: Any = None) -> Any:
-        cfg = copy.copy(skeleton)
-        for name, value in arrays.items():
-            object.__setattr__(cfg, name, value)
-        return update(cfg, *args, specs=specs)
+        return update(skeleton.replace(**arrays), *args, specs=specs)
 
     return jax.jit(run, static_argnames="specs")
 
@@ -412,13 +496,13 @@ def _partition_specs(partition_specs: Any, values: Any) -> tuple[Any, ...]:
     return tuple(per_leaf)
 
 
-def transformation(cfg: RmsConfig, state_type: type) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def transformation(plan: Plan, state_type: type) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """``(init_fn, update_fn)`` of a transformation with ``state_type`` (a NamedTuple of :func:`init`'s fields)."""
 
     def init_fn(params: optax.Params) -> Any:
-        return state_type(**init(cfg, params))
+        return state_type(**init(plan, params))
 
-    step_fn = compiled(cfg)
+    step_fn = compiled(plan)
 
     def update_fn(
         updates: Any, state: Any, params: Any = None, *, partition_specs: Any = None, **extra_args: Any
@@ -427,19 +511,20 @@ def transformation(cfg: RmsConfig, state_type: type) -> tuple[Callable[..., Any]
         check_state(state, state_type)
         # Schedules are evaluated here, as optax does, so that an eager call evaluates them
         # eagerly too; the step itself is one compiled computation.
-        lr = cfg.learning_rate
+        lr = None if plan.descent is None else plan.descent.learning_rate
         lr_t = lr(state.count) if callable(lr) else None
-        params = None if lr is None else params  # scale_by_rms ignores them (they may not even be arrays)
-        decay_t = cfg.decay(state.count) if callable(cfg.decay) else None
+        params = None if plan.descent is None else params  # scale_by_rms ignores them (they may not even be arrays)
+        decay = plan.moment.decay
+        decay_t = decay(state.count) if callable(decay) else None
         specs = None if partition_specs is None else _partition_specs(partition_specs, _storage.values_of(state.nu))
         return step_fn(updates, state, params, lr_t, decay_t, specs=specs)
 
-    CONFIGS[update_fn] = cfg
+    CONFIGS[update_fn] = plan
     return init_fn, update_fn
 
 
 # The configuration behind each update function this module made (effective_learning_rate reads it).
-CONFIGS: "weakref.WeakKeyDictionary[Callable[..., Any], RmsConfig]" = weakref.WeakKeyDictionary()
+CONFIGS: "weakref.WeakKeyDictionary[Callable[..., Any], Plan]" = weakref.WeakKeyDictionary()
 
 
 def check_state(state: Any, state_type: type) -> None:

@@ -29,7 +29,6 @@ from rmsprop_jax import _kernel
 
 
 KEY_SHAPE = (2,)
-KEY_DTYPE = np.dtype(np.uint32)
 
 
 def _u32(x: int) -> jax.Array:

@@ -6,8 +6,9 @@ the default layout still loads). A field is a plain tree like the parameters, or
 :class:`StoredBuffer` exactly when it needs more than the values: an ``aux`` tree (8-bit
 block scales, factored column statistics; a 0-d float32 placeholder for leaves stored as
 plain floats) or a ``key`` (stochastic rounding, in ``nu`` only). The structure is fixed
-by the configuration and the parameter tree. :func:`decode_state` returns any of these
-states with plain float trees.
+by the configuration and the parameter tree. In the code, one leaf of a field is a
+:class:`Leaf`; :func:`~rmsprop_jax.decode_state` (:mod:`._decode`) reads a state back
+as plain float trees.
 """
 
 import math
@@ -20,7 +21,7 @@ import optax
 from jax.core import Tracer
 from jax.experimental.shard_alike import shard_alike
 
-from rmsprop_jax import _dtypes, _factored, _quantize
+from rmsprop_jax import _quantize
 
 
 class StoredBuffer(NamedTuple):
@@ -46,42 +47,39 @@ def placeholder() -> jax.Array:
     return jnp.zeros((), jnp.float32)
 
 
-def is_int8(values: jax.Array) -> bool:
-    """Whether a stored leaf holds 8-bit codes (its aux: the block scales)."""
-    return np.dtype(values.dtype) in (np.dtype(np.uint8), np.dtype(np.int8))
+class Leaf(NamedTuple):
+    """One leaf of a buffer as stored."""
+
+    values: jax.Array  # floats, codes, or factored S's row statistics
+    aux: jax.Array | None  # block scales, factored S's column statistics, a 0-d placeholder; None without an aux tree
 
 
-def is_factored(values: jax.Array, aux: jax.Array | None) -> bool:
-    """Whether a stored leaf holds factored ``S``: row statistics, and column statistics in aux."""
-    return not is_int8(values) and aux is not None and np.ndim(aux) > 0  # a float leaf's placeholder is 0-d
-
-
-def leaves(buffer: Any, n: int) -> list[tuple[jax.Array, jax.Array | None]]:
-    """``(values, aux)`` pairs of a buffer field (a StoredBuffer or a plain tree)."""
+def leaves(buffer: Any, n: int) -> list[Leaf]:
+    """The stored leaves of a buffer field (a StoredBuffer or a plain tree)."""
     if isinstance(buffer, StoredBuffer):
         values = jax.tree.leaves(buffer.values)
         aux = [None] * n if isinstance(buffer.aux, optax.EmptyState) else jax.tree.leaves(buffer.aux)
-        return list(zip(values, aux, strict=True))
-    return [(v, None) for v in jax.tree.leaves(buffer)]
+        return [Leaf(v, a) for v, a in zip(values, aux, strict=True)]
+    return [Leaf(v, None) for v in jax.tree.leaves(buffer)]
 
 
-def rebuild(old: Any, treedef: Any, pairs: list[tuple[jax.Array, jax.Array | None]]) -> Any:
-    """The buffer field ``old`` with new ``(values, aux)`` pairs."""
+def rebuild(old: Any, treedef: Any, new: list[Leaf]) -> Any:
+    """The buffer field ``old`` with new stored leaves."""
     if not isinstance(old, StoredBuffer):
-        return jax.tree.unflatten(treedef, [v for v, _ in pairs])
-    return pack(treedef, pairs, not isinstance(old.aux, optax.EmptyState), old.key)
+        return jax.tree.unflatten(treedef, [leaf.values for leaf in new])
+    return pack(treedef, new, not isinstance(old.aux, optax.EmptyState), old.key)
 
 
 def values_of(buffer: Any) -> Any:
     return buffer.values if isinstance(buffer, StoredBuffer) else buffer
 
 
-def pack(treedef: Any, pairs: list[tuple[Any, Any]], with_aux: bool, key: Any) -> Any:
-    """A buffer field from its leaves' ``(values, aux)`` pairs: a StoredBuffer if it has an aux tree or a key."""
-    values = jax.tree.unflatten(treedef, [v for v, _ in pairs])
+def pack(treedef: Any, new: list[Leaf], with_aux: bool, key: jax.Array | None) -> Any:
+    """A buffer field from its stored leaves: a StoredBuffer if it has an aux tree or a key."""
+    values = jax.tree.unflatten(treedef, [leaf.values for leaf in new])
     if not with_aux and key is None:
         return values
-    aux = jax.tree.unflatten(treedef, [a for _, a in pairs]) if with_aux else optax.EmptyState()
+    aux = jax.tree.unflatten(treedef, [leaf.aux for leaf in new]) if with_aux else optax.EmptyState()
     return StoredBuffer(values, aux, optax.EmptyState() if key is None else key)
 
 
@@ -130,68 +128,3 @@ def _reduced_spec(spec: list[Any], ndim: int, shape: tuple[int, ...], drop: int 
         if shape[-1] % math.prod(sizes[n] for n in names):
             spec[-1] = None
     return spec
-
-
-def decode_leaf(values: Any, aux: Any) -> jax.Array:
-    """One stored leaf as a float array shaped like its parameter.
-
-    8-bit codes decode to float32; factored statistics are reconstructed; float leaves
-    are returned as they are (16-bit stays 16-bit).
-    """
-    if is_int8(values):
-        fmt = _quantize.SIGNED if np.dtype(values.dtype) == np.dtype(np.int8) else _quantize.UNSIGNED
-        return _quantize.dequantize(values, aux, fmt)
-    if is_factored(values, aux):
-        ct = _dtypes.compute_dtype(values.dtype)
-        return _factored.reconstruct(values.astype(ct), aux.astype(ct)).astype(values.dtype)
-    return values
-
-
-def decode_buffer(buffer: Any) -> Any:
-    """A buffer field as a plain tree like the parameters."""
-    if not isinstance(buffer, StoredBuffer):
-        return buffer
-    if isinstance(buffer.aux, optax.EmptyState):
-        return buffer.values
-    return jax.tree.map(decode_leaf, buffer.values, buffer.aux)
-
-
-def decode_state(state: Any) -> Any:
-    r"""The optimizer state with ``S``, ``m`` and the momentum buffer as plain float trees.
-
-    Every :class:`~rmsprop_jax.RmspropState` and :class:`~rmsprop_jax.ScaleByRmsState` in
-    ``state`` (also inside ``optax.chain``, ``optax.inject_hyperparams`` and the like)
-    gets ``nu``, ``mu`` and ``trace`` as trees shaped like the parameters: 8-bit codes
-    decoded to float32, factored statistics reconstructed
-    (:math:`\hat S_{ij} = r_i c_j / \bar r`), 16-bit and wider floats as stored. States of
-    the default storage come back unchanged. The result is for reading (diagnostics,
-    plots, comparisons); it is not a state the optimizer can continue from.
-
-    Args:
-      state: an optimizer state.
-
-    Returns:
-      ``state`` with every stored buffer decoded.
-
-    Examples:
-      >>> import jax.numpy as jnp, rmsprop_jax
-      >>> opt = rmsprop_jax.rmsprop(1e-2, state_dtype="int8", min_8bit_size=0)
-      >>> params = {"w": jnp.ones((4, 8))}
-      >>> state = opt.init(params)
-      >>> updates, state = opt.update({"w": jnp.full((4, 8), 2.0)}, state)
-      >>> state.nu.values["w"].dtype, state.nu.aux["w"].shape  # codes and one scale per row
-      (dtype('uint8'), (4, 1))
-      >>> rmsprop_jax.decode_state(state).nu["w"][0, :3]  # 0.1 * 2**2
-      Array([0.4, 0.4, 0.4], dtype=float32)
-    """
-
-    def is_state(x: Any) -> bool:
-        return hasattr(x, "_fields") and "nu" in x._fields and "count" in x._fields
-
-    def decode(x: Any) -> Any:
-        if not is_state(x):
-            return x
-        fields = {f: decode_buffer(getattr(x, f)) for f in ("nu", "mu", "trace") if f in x._fields}
-        return x._replace(**fields)
-
-    return jax.tree.map(decode, state, is_leaf=is_state)

@@ -87,6 +87,12 @@ def check_scalar_shape(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a scalar or a schedule; got a value of shape {shape}.")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Raises TypeError unless ``value`` is a Python or NumPy bool."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool; got {value!r}.")
+
+
 def check_interval(
     name: str,
     value: Any,

@@ -18,7 +18,7 @@ from absl.testing import parameterized
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import rmsprop_jax
-from rmsprop_jax import _quantize, _storage
+from rmsprop_jax import _quantize
 
 
 BF16_SR = {"state_dtype": jnp.bfloat16, "stochastic_rounding": True}
@@ -554,4 +554,4 @@ def test_decode_state_of_the_default_storage_is_the_state():
     opt = optax.chain(optax.clip(1.0), rmsprop_jax.rmsprop(1e-2, momentum=0.9))
     state = opt.init(_params())
     chex.assert_trees_all_equal(rmsprop_jax.decode_state(state), state)
-    assert isinstance(_storage.decode_state(state)[1], rmsprop_jax.RmspropState)
+    assert isinstance(rmsprop_jax.decode_state(state)[1], rmsprop_jax.RmspropState)
