@@ -16,10 +16,12 @@ momentum, and floats as wide as the compute dtype).
 :class:`Int8Codec`         signed 8-bit codes, exact block maxima (momentum)
 :class:`Int8MeanCodec`     signed 8-bit codes, block bounds of the EMA (``m``)
 :class:`Int8EmaCodec`      unsigned 8-bit ``S``, updated in code units
+:class:`Int4EmaCodec`      4-bit ``S``, eight codes per 32-bit word
 =========================  ===================================================
 
 A coded ``state_dtype`` names one codec per buffer in :data:`CODED_FORMATS`; adding a
-format is one codec class and one line there. :func:`codec_of` reads the codec of a
+format is one codec class and one line there. A codec that cannot store a parameter's
+shape says so with ``accepts``; that buffer then gets the 8-bit codec. :func:`codec_of` reads the codec of a
 stored leaf off its arrays, for the step and for :func:`~rmsprop_jax.decode_state`.
 Factored ``S`` is a different estimator of ``S``, not a storage (:mod:`._factored`); its
 row and column statistics are stored by float codecs.
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmsprop_jax import _dtypes, _kernel, _quantize, _stochastic_rounding, _tree, _validation
+from rmsprop_jax import _dtypes, _int4, _kernel, _quantize, _stochastic_rounding, _tree, _validation
 from rmsprop_jax._kernel import StepScalars
 from rmsprop_jax._stochastic_rounding import Layout
 from rmsprop_jax._storage import Leaf, full_reduced, placeholder
@@ -163,6 +165,11 @@ class Codec(Protocol):
         """Whether a stored leaf is in this codec's format."""
         ...
 
+    @staticmethod
+    def accepts(shape: tuple[int, ...]) -> bool:
+        """Whether it can store the buffer of a parameter of ``shape`` (else the 8-bit codec does)."""
+        ...
+
     def param_shape(self, leaf: Leaf) -> jax.Array | jax.ShapeDtypeStruct:
         """The parameter's shape (and a dtype of its kind) read off a stored leaf."""
         ...
@@ -222,6 +229,10 @@ class FloatCodec:
     def holds(leaf: Leaf) -> bool:
         return _dtypes.is_float_dtype(leaf.values.dtype) and (leaf.aux is None or np.ndim(leaf.aux) == 0)
 
+    @staticmethod
+    def accepts(shape: tuple[int, ...]) -> bool:
+        return True
+
 
 @dataclasses.dataclass(frozen=True)
 class StochasticCodec(FloatCodec):
@@ -253,6 +264,7 @@ class Int8Codec:
     block_size: int
     stochastic: bool
     fmt: ClassVar[_quantize.Format] = _quantize.SIGNED
+    default_block_size: ClassVar[int] = _quantize.DEFAULT_BLOCK_SIZE  # block_size=None (read off S's codec)
 
     @property
     def top(self) -> float:
@@ -285,20 +297,7 @@ class Int8Codec:
 
     def check_shard(self, layout: Layout, shape: tuple[int, ...], path: Any) -> None:
         """Refuses a split last axis whose shards' blocks are not the whole array's blocks."""
-        if not layout[-1]:
-            return
-        sizes = jax.sharding.get_abstract_mesh().shape
-        n = shape[-1]
-        whole = n * math.prod(sizes[a] for a in layout[-1])
-        nb, nb_whole = _quantize.n_blocks(n, self.block_size), _quantize.n_blocks(whole, self.block_size)
-        b = _quantize.block_length(n, nb)
-        if nb * b != n or b != _quantize.block_length(whole, nb_whole):
-            raise ValueError(
-                f"params{_tree.path_str(path)} is 8-bit with its last axis split over {layout[-1]}: a shard's {n} "
-                f"elements do not make whole blocks of the {whole}-element axis (block_size={self.block_size}), so "
-                "its blocks would differ from the unsharded step's. Split another axis, or pick a block_size whose "
-                "blocks tile each shard."
-            )
+        _check_blocks_tile(layout, shape, path, self.block_size, "8-bit")
 
     def scale(self, old: Leaf, ctx: StepContext) -> jax.Array | None:
         return None  # the exact block maxima, from the new values
@@ -312,6 +311,10 @@ class Int8Codec:
     @classmethod
     def holds(cls, leaf: Leaf) -> bool:
         return np.dtype(leaf.values.dtype) == np.dtype(cls.fmt.dtype)
+
+    @staticmethod
+    def accepts(shape: tuple[int, ...]) -> bool:
+        return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,17 +358,99 @@ class Int8EmaCodec(Int8Codec):
         return Leaf(new[0], _quantize.carry_derivative(new[1], x, new[0], self.fmt)), decoded
 
 
-CODED_FORMATS: Mapping[str, Mapping[Buffer, type[Int8Codec]]] = {
+@dataclasses.dataclass(frozen=True)
+class Int4EmaCodec:
+    """4-bit ``S`` (:mod:`._int4`): 16 codes :math:`(k + 1)/16` of the block maximum, no zero.
+
+    Stored as eight codes per ``uint32`` along the last axis (the parameter's last axis
+    must be a multiple of 8; other leaves get the 8-bit codec) and one float32 scale per
+    block, the block's maximum. Encoded from the kernel's new ``S``, which the update then
+    reads as stored.
+    """
+
+    buffer: Buffer
+    block_size: int
+    stochastic: bool
+    default_block_size: ClassVar[int] = 128  # finer blocks than 8-bit S's: 16 codes resolve less of a block's range
+
+    @property
+    def top(self) -> float:
+        return float(np.finfo(np.float32).max)
+
+    @staticmethod
+    def accepts(shape: tuple[int, ...]) -> bool:
+        return len(shape) >= 1 and shape[-1] % _int4.PER_WORD == 0
+
+    def init(self, param: Any, value: Any) -> Leaf:
+        shape = tuple(np.shape(param))
+        v = _validation.concrete(value)
+        word = 0 if v is not None and float(v) == 0.0 else 0xFFFFFFFF  # codes 0 (as encoded) or 15 (value itself)
+        words_shape = (*shape[:-1], shape[-1] // _int4.PER_WORD)
+        scales_shape = _quantize.scales_shape(shape, self.block_size)
+        return Leaf(
+            full_reduced(param, words_shape, word, jnp.uint32, None),
+            full_reduced(param, scales_shape, value, jnp.float32, None),
+        )
+
+    def decode(self, leaf: Leaf, ct: np.dtype) -> jax.Array:
+        assert leaf.aux is not None
+        return _int4.decode_words(leaf.values, leaf.aux).astype(ct)
+
+    def read_as_stored(self, ct: np.dtype) -> bool:
+        return True
+
+    def encode(self, x: jax.Array, old: Leaf, ctx: StepContext) -> tuple[Leaf, jax.Array]:
+        bits = ctx.bits(self.buffer, x.shape) if self.stochastic else None
+        words, scales, decoded = _int4.encode_words(jax.lax.stop_gradient(x), self.block_size, bits)
+        kept = Leaf(words, _int4.carry_derivative(scales, x, decoded))
+        return kept, _kernel.with_tangent(decoded.astype(x.dtype), x)
+
+    @staticmethod
+    def holds(leaf: Leaf) -> bool:
+        return np.dtype(leaf.values.dtype) == np.dtype(np.uint32)
+
+    def param_shape(self, leaf: Leaf) -> jax.ShapeDtypeStruct:
+        v = leaf.values
+        return jax.ShapeDtypeStruct((*v.shape[:-1], _int4.PER_WORD * v.shape[-1]), jnp.float32)
+
+    @property
+    def shard_map_needs(self) -> str | None:
+        return (
+            "its 4-bit codes live in blocks along the last axis, eight to a 32-bit word (and stochastic rounding "
+            "keys their random bits by each element's index in the whole array)"
+        )
+
+    def check_shard(self, layout: Layout, shape: tuple[int, ...], path: Any) -> None:
+        """Refuses a split last axis that leaves a shard part of a word or of a block."""
+        if layout[-1] and shape[-1] % _int4.PER_WORD:
+            raise ValueError(
+                f"params{_tree.path_str(path)} is 4-bit with its last axis split over {layout[-1]}: a shard's "
+                f"{shape[-1]} elements are not a multiple of the {_int4.PER_WORD} codes of a 32-bit word. Split "
+                "another axis, or over fewer devices."
+            )
+        _check_blocks_tile(layout, shape, path, self.block_size, "4-bit")
+
+
+CodedCodec = Int8Codec | Int4EmaCodec
+
+CODED_FORMATS: Mapping[str, Mapping[Buffer, type[CodedCodec]]] = {
     "int8": {Buffer.NU: Int8EmaCodec, Buffer.MU: Int8MeanCodec, Buffer.TRACE: Int8Codec},
+    "int4": {Buffer.NU: Int4EmaCodec, Buffer.MU: Int8MeanCodec, Buffer.TRACE: Int8Codec},
 }
 """The coded ``state_dtype`` values: the codec of each buffer of a leaf large enough to be coded."""
 
 
-def coded_codec(buffer: Buffer, storage: Storage, fmt: str | None = None) -> Int8Codec:
-    """The codec of ``buffer`` in the coded format ``fmt`` (default: the storage's)."""
+def coded_codec(
+    buffer: Buffer, storage: Storage, fmt: str | None = None, shape: tuple[int, ...] | None = None
+) -> CodedCodec:
+    """The codec of ``buffer`` in the coded format ``fmt`` (default: the storage's); with a parameter's ``shape``,
+    the 8-bit codec where ``fmt``'s does not accept it."""
     fmt = storage.coded if fmt is None else fmt
     assert fmt is not None
-    return CODED_FORMATS[fmt][buffer](buffer, storage.block_size, storage.stochastic)
+    cls = CODED_FORMATS[fmt][buffer]
+    if shape is not None and not cls.accepts(shape):
+        cls = CODED_FORMATS["int8"][buffer]
+    return cls(buffer, storage.block_size, storage.stochastic)
 
 
 def codec_of(buffer: Buffer, leaf: Leaf, storage: Storage = DECODING) -> Codec:
@@ -381,6 +466,24 @@ def read(buffer: Buffer, leaf: Leaf) -> jax.Array:
     dtype = np.dtype(leaf.values.dtype)
     ct = _dtypes.real_dtype(dtype) if _dtypes.is_float_dtype(dtype) else np.dtype(np.float32)
     return codec_of(buffer, leaf).decode(leaf, ct)
+
+
+def _check_blocks_tile(layout: Layout, shape: tuple[int, ...], path: Any, block_size: int, what: str) -> None:
+    """Refuses a split last axis whose shards' blocks are not the whole array's blocks."""
+    if not layout[-1]:
+        return
+    sizes = jax.sharding.get_abstract_mesh().shape
+    n = shape[-1]
+    whole = n * math.prod(sizes[a] for a in layout[-1])
+    nb, nb_whole = _quantize.n_blocks(n, block_size), _quantize.n_blocks(whole, block_size)
+    b = _quantize.block_length(n, nb)
+    if nb * b != n or b != _quantize.block_length(whole, nb_whole):
+        raise ValueError(
+            f"params{_tree.path_str(path)} is {what} with its last axis split over {layout[-1]}: a shard's {n} "
+            f"elements do not make whole blocks of the {whole}-element axis (block_size={block_size}), so "
+            "its blocks would differ from the unsharded step's. Split another axis, or pick a block_size whose "
+            "blocks tile each shard."
+        )
 
 
 def _at_most_f32(x: jax.Array) -> jax.Array:

@@ -107,8 +107,8 @@ def make_plan(moment: SecondMoment, args: StorageArgs, on_nonfinite: Any, descen
     _check_bools(args, "factored")
     if sr and coded is None and dtype not in _SR_DTYPES:
         raise ValueError(
-            f"stochastic_rounding=True needs a 16-bit or 8-bit state; got state_dtype={args.state_dtype!r}. "
-            "Allowed: state_dtype=jnp.bfloat16, jnp.float16 or 'int8' (float32 and float64 states "
+            f"stochastic_rounding=True needs a 16-bit, 8-bit or 4-bit state; got state_dtype={args.state_dtype!r}. "
+            "Allowed: state_dtype=jnp.bfloat16, jnp.float16, 'int8' or 'int4' (float32 and float64 states "
             "round exactly enough)."
         )
     block_size = _coded_option(args, "block_size", coded, 1, "allowed: a positive int, e.g. 256 or 2048")
@@ -131,7 +131,7 @@ def make_plan(moment: SecondMoment, args: StorageArgs, on_nonfinite: Any, descen
     if args.factored and coded is not None:
         raise ValueError(
             f"factored=True with state_dtype={coded!r}: factored statistics are already O(rows + "
-            "columns); 8-bit codes would save nothing on them. Allowed with factored=True: "
+            "columns); 8-bit or 4-bit codes would save nothing on them. Allowed with factored=True: "
             "state_dtype=None, a float dtype, or bfloat16/float16 with stochastic_rounding=True."
         )
     _check_second_moment(moment)
@@ -143,7 +143,7 @@ def make_plan(moment: SecondMoment, args: StorageArgs, on_nonfinite: Any, descen
         dtype=dtype,
         coded=coded,
         stochastic=bool(sr),
-        block_size=_quantize.DEFAULT_BLOCK_SIZE if block_size is None else block_size,
+        block_size=_default_block_size(coded) if block_size is None else block_size,
         min_coded_size=_quantize.DEFAULT_MIN_SIZE if min_size is None else min_size,
         factored=bool(args.factored),
         seed=0 if seed is None else seed,
@@ -175,8 +175,17 @@ def _coded_option(args: StorageArgs, name: str, coded: str | None, low: int, all
     if value is None:
         return None
     if coded is None:
-        raise ValueError(f"{name}={value!r} applies only to state_dtype='int8'; got state_dtype={args.state_dtype!r}.")
+        raise ValueError(
+            f"{name}={value!r} applies only to state_dtype='int8' or 'int4'; got state_dtype={args.state_dtype!r}."
+        )
     return _static_int(name, value, low, allowed)
+
+
+def _default_block_size(coded: str | None) -> int:
+    """``block_size=None``: the default of the coded format's ``S`` codec (256 for 8-bit, 128 for 4-bit)."""
+    if coded is None:
+        return _quantize.DEFAULT_BLOCK_SIZE
+    return _codecs.CODED_FORMATS[coded][_codecs.Buffer.NU].default_block_size
 
 
 def _parse_state_dtype(state_dtype: Any) -> tuple[str | None, np.dtype | None]:
@@ -197,7 +206,8 @@ def _parse_state_dtype(state_dtype: Any) -> tuple[str | None, np.dtype | None]:
         raise ValueError(
             f"state_dtype={state_dtype!r} is not supported; allowed: None (float32 for 16-bit parameters, the "
             "parameter's own precision otherwise), 'float16', 'bfloat16', 'float32', 'float64' (as strings or "
-            "dtypes such as jnp.bfloat16), or 'int8' (8-bit block-wise codes with one float32 scale per block)."
+            "dtypes such as jnp.bfloat16), 'int8' (8-bit block-wise codes with one float32 scale per block) or "
+            "'int4' (S in 4-bit block-wise codes; m and momentum in 8-bit ones)."
         ) from None
 
 

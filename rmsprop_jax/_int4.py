@@ -333,6 +333,82 @@ def encode(s: jax.Array, spec: Spec = DEFAULT, bits: jax.Array | None = None) ->
     return Packed(pack(codes), block, axes, shape, spec)
 
 
+# ----------------------------------------------------------------------------- the optimizer's storage
+
+PER_WORD = 8
+"""Codes per ``uint32`` word in the optimizer's state (``state_dtype="int4"``)."""
+
+
+def pack_words(codes: jax.Array) -> jax.Array:
+    """Codes (integers in [0, 15]) of last axis ``8 m`` -> ``uint32`` of last axis ``m``: element ``8j + i`` in bits
+    ``4i`` to ``4i + 3`` of word ``j``."""
+    c = codes.astype(jnp.uint32).reshape(*codes.shape[:-1], -1, PER_WORD)
+    out = c[..., 0]
+    for i in range(1, PER_WORD):
+        out = out | (c[..., i] << jnp.uint32(4 * i))
+    return out
+
+
+def unpack_words(words: jax.Array) -> jax.Array:
+    """The inverse of :func:`pack_words`: int32 codes of last axis ``8 m``."""
+    shifts = jnp.arange(0, 4 * PER_WORD, 4, dtype=jnp.uint32)
+    codes = (words[..., None] >> shifts) & jnp.uint32(15)
+    return codes.reshape(*words.shape[:-1], PER_WORD * words.shape[-1]).astype(jnp.int32)
+
+
+def _effective(a: jax.Array) -> jax.Array:
+    """The scale a code multiplies: 0 for an all-zero block, at least :data:`FLOOR` otherwise."""
+    return _kernel.where(a == jnp.float32(0), jnp.float32(0), jnp.maximum(a, jnp.float32(FLOOR)))
+
+
+def encode_words(
+    s: jax.Array, block_size: int, bits: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``S`` (last axis a multiple of 8) in the linear map with block scales: ``(words, scales, decoded)``.
+
+    ``words``: :func:`pack_words` of the codes; ``scales``: the float32 block maxima
+    (:func:`._quantize.scales_shape`); ``decoded``: float32, what :func:`decode_words`
+    gives back. Rounding as :func:`encode` (``bits``: stochastic); no derivative.
+    """
+    x = jax.lax.stop_gradient(s).astype(jnp.float32)
+    x = _kernel.at_most(_kernel.where(x < jnp.float32(0), jnp.float32(0), x), jnp.float32(F32_MAX))
+    block = _quantize.block_abs_max(x, block_size)
+    a = _expand(block, x.shape[-1])
+    codes = round_codes(x / _kernel.where(a == jnp.float32(0), jnp.float32(1), a), DEFAULT, bits)
+    return pack_words(codes), block, code_value(codes, DEFAULT) * _effective(a)
+
+
+def decode_words(words: jax.Array, scales: jax.Array) -> jax.Array:
+    """``S`` as float32 from :func:`encode_words`'s words and scales."""
+    codes = unpack_words(words)
+    return code_value(codes, DEFAULT) * _effective(_expand(scales, codes.shape[-1]))
+
+
+@jax.custom_jvp
+def carry_derivative(scales: jax.Array, x: jax.Array, decoded: jax.Array) -> jax.Array:
+    r"""The block ``scales`` of ``decoded`` (the encoding of ``x``), differentiated so that the block follows ``x``.
+
+    As :func:`._quantize.carry_derivative`: the decoded values move with their scale,
+    :math:`dc_i = c_i\,dA/A`, and :math:`dA/A = \sum_i c_i\,dx_i / \sum_i c_i^2` over the
+    block (the least-squares fit of the values' own derivative). The primal is ``scales``.
+    """
+    del x, decoded
+    return scales
+
+
+@carry_derivative.defjvp
+def _carry_derivative_jvp(
+    primals: tuple[jax.Array, jax.Array, jax.Array], tangents: tuple[Any, Any, Any]
+) -> tuple[jax.Array, jax.Array]:
+    scales, _, decoded = primals
+    dx = tangents[1]
+    nb = scales.shape[-1]
+    cb = _quantize.blocked(decoded, nb)[0]
+    cc = jnp.sum(cb * cb, axis=-1)
+    k = _kernel.where(cc > 0, scales / _kernel.where(cc > 0, cc, jnp.ones_like(cc)), jnp.zeros_like(cc))
+    return scales, k * jnp.sum(cb * _quantize.blocked(dx.astype(jnp.float32), nb)[0], axis=-1)
+
+
 def decode(stored: Packed) -> jax.Array:
     """``S`` as float32, of the parameter's shape: :math:`v_k A` (0 where :math:`A = 0`)."""
     shape, spec = stored.shape, stored.spec

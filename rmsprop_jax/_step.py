@@ -112,10 +112,10 @@ def _init_leaf(plan: Plan, buffer: Buffer, param: Any, path: Any, value: Any) ->
         if buffer is not Buffer.NU and np.dtype(dtype).kind == "c":
             raise TypeError(
                 f"state_dtype={storage.coded!r} cannot hold the momentum or centered buffers of the complex "
-                f"parameter params{_tree.path_str(path)} (8-bit codes are real); use state_dtype=None, "
+                f"parameter params{_tree.path_str(path)} (8-bit and 4-bit codes are real); use state_dtype=None, "
                 "'float32' or 'float64' for complex parameters."
             )
-        return _codecs.coded_codec(buffer, storage).init(param, value)
+        return _codecs.coded_codec(buffer, storage, shape=shape).init(param, value)
     if not is_float:
         return _init_float(plan, buffer, param, value, np.dtype(np.float32))
     if buffer is not Buffer.NU:
