@@ -351,7 +351,7 @@ def pack_words(codes: jax.Array) -> jax.Array:
 
 def unpack_words(words: jax.Array) -> jax.Array:
     """The inverse of :func:`pack_words`: int32 codes of last axis ``8 m``."""
-    shifts = jnp.arange(0, 4 * PER_WORD, 4, dtype=jnp.uint32)
+    shifts = jnp.arange(0, 4 * PER_WORD, 4, dtype=jnp.uint32).reshape((1,) * words.ndim + (PER_WORD,))
     codes = (words[..., None] >> shifts) & jnp.uint32(15)
     return codes.reshape(*words.shape[:-1], PER_WORD * words.shape[-1]).astype(jnp.int32)
 

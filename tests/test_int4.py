@@ -6,6 +6,7 @@ float32), not from the codec.
 """
 
 import math
+from typing import Any
 
 import hypothesis
 import hypothesis.extra.numpy as hnp
@@ -13,8 +14,11 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
+import rmsprop_jax
 from rmsprop_jax import _int4, _stochastic_rounding as sr
 
 
@@ -339,3 +343,348 @@ def test_encode_decode_trace_with_packed_as_a_pytree() -> None:
     out = step(stored, jnp.full((3, 10), 2.0, jnp.float32))
     assert jax.tree.structure(out) == jax.tree.structure(stored)
     np.testing.assert_allclose(np.asarray(_int4.decode(out)), 1.3, rtol=0.2)
+
+
+# ----------------------------------------------------------------------------- rmsprop(state_dtype="int4")
+
+
+def _int4_opt(**kwargs):
+    return rmsprop_jax.rmsprop(kwargs.pop("learning_rate", 1e-2), state_dtype="int4", min_8bit_size=0, **kwargs)
+
+
+def _grads(shape: tuple[int, ...], t: int, spread: float = 3.0) -> np.ndarray:
+    rng = np.random.default_rng(50 + t)
+    return (rng.normal(size=shape) * 10.0 ** rng.uniform(-spread, 0, size=shape)).astype(F32)
+
+
+def _ref_rmsprop(grads: list[np.ndarray], lr: float, rho: float, eps: float) -> list[np.ndarray]:
+    """float64 RMSprop whose S is kept as the documented 4-bit code of its float32 value (nearest, blocks of 128).
+
+    The root is at least sqrt(1 - rho) |g|, the bound the library applies to a lossy S
+    (docs/numerics.md): a rounded S may fall below (1 - rho) g^2.
+    """
+    spec = _int4.Spec("linear", 128)
+    s = np.zeros(grads[0].shape)
+    out = []
+    for g in grads:
+        g = g.astype(np.float64)
+        s = _ref_nearest((rho * s + (1 - rho) * g * g).astype(F32), spec).astype(np.float64)
+        root = np.maximum(np.sqrt(s), np.sqrt(1 - rho) * np.abs(g))
+        out.append(-lr * g / (root + eps))
+    return out
+
+
+def test_rmsprop_steps_equal_the_numpy_reference() -> None:
+    shape = (4, 256)
+    grads = [_grads(shape, t) for t in range(4)]
+    grads[2][1, :128] = 0.0  # a block without gradient: its S decays through the codes
+    opt = _int4_opt(learning_rate=1e-2, decay=0.9, eps=1e-8, stochastic_rounding=False)
+    params = {"w": jnp.zeros(shape, jnp.float32)}
+    state = opt.init(params)
+    assert state.nu.values["w"].dtype == np.uint32 and state.nu.values["w"].shape == (4, 32)
+    assert state.nu.aux["w"].shape == (4, 2)  # block_size None: 128 for 4-bit S
+    want = _ref_rmsprop(grads, 1e-2, 0.9, 1e-8)
+    for g, w in zip(grads, want, strict=True):
+        u, state = opt.update({"w": jnp.asarray(g)}, state)
+        np.testing.assert_allclose(np.asarray(u["w"]), w, rtol=2e-6, atol=0)
+
+
+def _zero_point_updates(state_dtype: Any, stochastic: bool) -> np.ndarray:
+    g = _zero_point_block().astype(F32)
+    coded = {"min_8bit_size": 0, "stochastic_rounding": stochastic} if state_dtype == "int4" else {}
+    opt = rmsprop_jax.rmsprop(1.0, decay=0.99, state_dtype=state_dtype, **coded)
+    state = opt.init({"w": jnp.zeros(g.shape, jnp.float32)})
+    out = []
+    for t in range(5):
+        u, state = opt.update({"w": jnp.asarray(g * (1 + 0.1 * t))}, state)
+        out.append(np.abs(np.asarray(u["w"], np.float64)))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_zero_point_through_rmsprop(stochastic: bool) -> None:
+    """A block with one gradient 10**6 times the others: no 4-bit update is larger than float32 state's, none is 0."""
+    u4 = _zero_point_updates("int4", stochastic)
+    u32 = _zero_point_updates("float32", False)
+    assert (u4 <= u32 * (1 + 1e-6)).all()
+    assert (u4 > 0).all()
+    # the small elements' S rounds up to A/16 (an overestimate), so their steps are shorter
+    assert (u4[:, 0, :17] < 0.5 * u32[:, 0, :17]).all()
+
+
+def test_rounding_seed_reproducible_and_seeds_differ() -> None:
+    shape = (8, 128)
+    grads = [jnp.asarray(_grads(shape, t)) for t in range(3)]
+
+    def run(seed: int) -> np.ndarray:
+        opt = _int4_opt(rounding_seed=seed)
+        state = opt.init({"w": jnp.zeros(shape, jnp.float32)})
+        for g in grads:
+            _, state = opt.update({"w": g}, state)
+        return np.asarray(state.nu.values["w"])
+
+    a, b, c = run(1), run(1), run(2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def _similar(shape: tuple[int, ...], t: int) -> np.ndarray:
+    """Gradients of magnitudes within a factor 2 (S within a factor 4 in a block: the codes resolve it well)."""
+    rng = np.random.default_rng(70 + t)
+    return (rng.choice([-1.0, 1.0], size=shape) * rng.uniform(0.5, 1.0, size=shape)).astype(F32)
+
+
+def _train(opt: Any, shape: tuple[int, ...], steps: int = 5, dtype: Any = jnp.float32) -> tuple[Any, Any, Any]:
+    params = {"w": jnp.ones(shape, dtype)}
+    state = opt.init(params)
+    u = None
+    for t in range(steps):
+        u, state = opt.update({"w": jnp.asarray(_similar(shape, t), dtype)}, state, params)
+        params = optax.apply_updates(params, u)
+    return params, state, u
+
+
+def _ref_unpack(words: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The documented layout: element 8j + i in bits 4i..4i+3 of word j, decoded to (k + 1)/16 of its block's scale."""
+    codes = (words[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 15
+    codes = codes.reshape(*words.shape[:-1], -1)
+    b = _ref_block_length(codes.shape[-1], 128)
+    a = np.repeat(scales, b, axis=-1)[..., : codes.shape[-1]]
+    return _ref_decode(codes.astype(np.int64), a, "linear")
+
+
+def test_decode_state_and_effective_learning_rate() -> None:
+    shape = (4, 256)
+    g = _grads(shape, 0)
+    params = {"w": jnp.zeros(shape, jnp.float32)}
+    opt4 = _int4_opt(decay=0.9, stochastic_rounding=False)
+    opt32 = rmsprop_jax.rmsprop(1e-2, decay=0.9)
+    s4 = opt4.update({"w": jnp.asarray(g)}, opt4.init(params))[1]
+    s32 = opt32.update({"w": jnp.asarray(g)}, opt32.init(params))[1]
+    d4 = np.asarray(rmsprop_jax.decode_state(s4).nu["w"])
+    assert d4.shape == shape and d4.dtype == np.float32
+    np.testing.assert_array_equal(d4, _ref_unpack(np.asarray(s4.nu.values["w"]), np.asarray(s4.nu.aux["w"])))
+    exact = np.asarray(s32.nu["w"])
+    np.testing.assert_array_equal(d4, _ref_nearest(exact, _int4.Spec("linear", 128)))
+    a = np.repeat(exact.reshape(4, 2, 128).max(axis=-1), 128, axis=-1)
+    assert (np.abs(d4 - exact) <= a / 16).all()  # within the code's resolution (A/32, or rounded up to A/16)
+    assert (d4 > 0).all()
+    r4 = np.asarray(rmsprop_jax.effective_learning_rate(s4, opt4).per_element["w"])
+    np.testing.assert_allclose(r4, 1e-2 / (np.sqrt(d4.astype(np.float64)) + 1e-8), rtol=1e-6)
+    # centered with momentum: m decodes from its 8-bit codes; the rate reads S - m^2 of the decoded state
+    opt = _int4_opt(decay=0.9, momentum=0.5, centered=True)
+    _, state, _ = _train(opt, shape)
+    d = rmsprop_jax.decode_state(state)
+    assert {d.nu["w"].dtype, d.mu["w"].dtype, d.trace["w"].dtype} == {np.dtype(np.float32)}
+    v = np.maximum(np.asarray(d.nu["w"], np.float64) - np.asarray(d.mu["w"], np.float64) ** 2, 0)
+    r = np.asarray(rmsprop_jax.effective_learning_rate(state, opt).per_element["w"])
+    np.testing.assert_allclose(r, 1e-2 / (np.sqrt(v) + 1e-8), rtol=1e-5)
+
+
+def test_odd_last_axis_falls_back_to_8bit_s() -> None:
+    opt = _int4_opt(momentum=0.9)
+    params = {"odd": jnp.ones((5, 12)), "vec": jnp.ones((4100,)), "even": jnp.ones((3, 16))}
+    state = opt.init(params)
+    dtypes = {k: state.nu.values[k].dtype for k in params}
+    assert dtypes == {"odd": np.uint8, "vec": np.uint8, "even": np.uint32}
+    assert all(state.trace.values[k].dtype == np.int8 for k in params)
+    g = {k: jnp.asarray(_grads(p.shape, 0)) for k, p in params.items()}
+    u, state = opt.update(g, state, params)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(u))
+    assert {k: state.nu.values[k].dtype for k in params} == dtypes
+    # small leaves keep float32 state, as with 8-bit codes
+    small = rmsprop_jax.rmsprop(1e-2, state_dtype="int4").init({"w": jnp.ones((8, 8))})
+    assert small.nu.values["w"].dtype == np.float32
+
+
+def test_state_bytes_of_a_large_leaf() -> None:
+    opt = rmsprop_jax.rmsprop(1e-3, state_dtype="int4")
+    state = jax.eval_shape(opt.init, {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.float32)})
+    s_bytes = sum(x.size * x.dtype.itemsize for x in (state.nu.values["w"], state.nu.aux["w"]))
+    assert s_bytes / 4096**2 == 0.5 + 4 / 128  # 4 bits per code, a float32 scale per 128
+    assert s_bytes / 4096**2 <= 0.56
+
+
+def test_orbax_round_trip(tmp_path) -> None:
+    import orbax.checkpoint as ocp
+
+    opt = _int4_opt(momentum=0.9, centered=True)
+    _, state, _ = _train(opt, (4, 128), steps=2)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ckpt", state)
+        ckptr.wait_until_finished()
+        restored = ckptr.restore(
+            tmp_path / "ckpt", jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+        )
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for r, s in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        assert r.dtype == s.dtype
+        np.testing.assert_array_equal(np.asarray(r), np.asarray(s))
+    g = {"w": jnp.asarray(_grads((4, 128), 7))}
+    params = {"w": jnp.ones((4, 128))}
+    np.testing.assert_array_equal(
+        np.asarray(opt.update(g, restored, params)[0]["w"]), np.asarray(opt.update(g, state, params)[0]["w"])
+    )
+
+
+def test_flat_mode_is_the_tree_step_on_the_flat_leaf() -> None:
+    opt = _int4_opt(momentum=0.5)
+    params = {"a": jnp.ones((4, 64)), "b": jnp.full((3, 8), 2.0)}  # 280 elements, a multiple of 8
+    fs = rmsprop_jax.flat_init(opt, params, pack=False)
+    flat = {"float32": jnp.concatenate([jnp.ravel(params["a"]), jnp.ravel(params["b"])])}
+    state = opt.init(flat)
+    assert fs.opt_state.nu.values["float32"].dtype == np.uint32
+    for t in range(3):
+        g = {"float32": jnp.asarray(_grads((280,), t))}
+        fs = rmsprop_jax.flat_apply(opt, g, fs)
+        u, state = opt.update(g, state, flat)
+        flat = optax.apply_updates(flat, u)
+    np.testing.assert_array_equal(np.asarray(fs.params["float32"]), np.asarray(flat["float32"]))
+    np.testing.assert_array_equal(np.asarray(fs.opt_state.nu.values["float32"]), np.asarray(state.nu.values["float32"]))
+
+
+def test_inject_hyperparams_with_state_dtype_static() -> None:
+    make = optax.inject_hyperparams(rmsprop_jax.rmsprop, static_args=("state_dtype", "min_8bit_size"))
+    injected = make(learning_rate=1e-2, decay=0.9, state_dtype="int4", min_8bit_size=0)
+    plain = _int4_opt(learning_rate=1e-2, decay=0.9)
+    params = {"w": jnp.ones((4, 128))}
+    si, sp = injected.init(params), plain.init(params)
+    assert si.inner_state.nu.values["w"].dtype == np.uint32
+    for t in range(3):
+        g = {"w": jnp.asarray(_grads((4, 128), t))}
+        ui, si = injected.update(g, si, params)
+        up, sp = plain.update(g, sp, params)
+        np.testing.assert_allclose(np.asarray(ui["w"]), np.asarray(up["w"]), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(si.inner_state.nu.values["w"]), np.asarray(sp.nu.values["w"]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_parameters(dtype: Any) -> None:
+    shape = (4, 128)
+    p4, s4, u4 = _train(_int4_opt(), shape, dtype=dtype)
+    p32, _, u32 = _train(rmsprop_jax.rmsprop(1e-2), shape, dtype=dtype)
+    assert s4.nu.values["w"].dtype == np.uint32 and u4["w"].dtype == dtype
+    # S within a factor 4 of its block's maximum: a code is within 1/8 of S, its root within 7%
+    ratio = np.abs(np.asarray(u4["w"], np.float32)) / np.abs(np.asarray(u32["w"], np.float32))
+    assert ((ratio > 0.85) & (ratio < 1.15)).all()
+    np.testing.assert_allclose(np.asarray(p4["w"], np.float32), np.asarray(p32["w"], np.float32), atol=0.03)
+
+
+def test_on_nonfinite_skip_and_zero() -> None:
+    shape = (4, 128)
+    g0, g1 = _grads(shape, 0), _grads(shape, 1)
+    bad = g1.copy()
+    bad[2, 5] = np.nan
+    bad[0, 7] = np.inf
+    params = {"w": jnp.ones(shape)}
+    skip = _int4_opt(on_nonfinite="skip", momentum=0.9)
+    state = skip.update({"w": jnp.asarray(g0)}, skip.init(params), params)[1]
+    u, after = skip.update({"w": jnp.asarray(bad)}, state, params)
+    assert int(after.nonfinite_count) == 1 and int(after.count) == int(state.count)
+    for a, b in zip(jax.tree.leaves(after.nu), jax.tree.leaves(state.nu), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert (np.asarray(u["w"]) == 0).all()
+    zero = _int4_opt(on_nonfinite="zero")
+    state = zero.update({"w": jnp.asarray(g0)}, zero.init(params), params)[1]
+    u, after = zero.update({"w": jnp.asarray(bad)}, state, params)
+    cleaned = np.where(np.isfinite(bad), bad, 0).astype(F32)
+    u_ref, ref = zero.update({"w": jnp.asarray(cleaned)}, state, params)
+    np.testing.assert_array_equal(np.asarray(u["w"]), np.asarray(u_ref["w"]))
+    np.testing.assert_array_equal(np.asarray(after.nu.values["w"]), np.asarray(ref.nu.values["w"]))
+    assert int(after.nonfinite_count) == 1
+
+
+def test_jax_grad_through_a_step_is_finite_and_close_to_float32() -> None:
+    """The derivative of a step's loss in the initial parameters, through S as stored (straight-through)."""
+    shape = (2, 128)
+    g0, g1, target = (jnp.asarray(_similar(shape, t)) for t in (0, 1, 9))
+
+    def loss(p0: jax.Array, opt: Any, steps: int = 1) -> jax.Array:
+        params = {"w": p0}
+        state = opt.update({"w": g0}, opt.init(params), params)[1]
+        for _ in range(steps):
+            u, state = opt.update({"w": g1 + 0.5 * (params["w"] - target)}, state, params)
+            params = optax.apply_updates(params, u)
+        return jnp.sum((params["w"] - target) ** 2)
+
+    p0 = jnp.asarray(_similar(shape, 5))
+    opt4 = _int4_opt(learning_rate=0.05, decay=0.9)
+    d4 = np.asarray(jax.grad(loss)(p0, opt4))
+    d32 = np.asarray(jax.grad(loss)(p0, rmsprop_jax.rmsprop(0.05, decay=0.9)))
+    assert np.isfinite(d4).all()
+    assert np.linalg.norm(d4 - d32) / np.linalg.norm(d32) < 0.03  # measured 0.7%
+    assert np.isfinite(np.asarray(jax.grad(loss)(p0, opt4, 3))).all()
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def _sharded_run(opt: Any, shardings: Any, state_shardings: Any = None) -> tuple[Any, Any]:
+    params = {"w": jnp.ones((64, 256)), "b": jnp.ones((16,))}
+    if shardings is not None:
+        params = jax.device_put(params, shardings)
+    init = jax.jit(opt.init) if state_shardings is None else jax.jit(opt.init, out_shardings=state_shardings)
+    state = init(params)
+
+    @jax.jit
+    def step(g: Any, state: Any, params: Any) -> Any:
+        u, state = opt.update(g, state, params)
+        return optax.apply_updates(params, u), state
+
+    for t in range(3):
+        g = {k: jnp.asarray(_grads(p.shape, t)) for k, p in params.items()}
+        if shardings is not None:
+            g = jax.device_put(g, shardings)
+        params, state = step(g, state, params)
+    return params, state
+
+
+def test_jit_with_named_sharding_and_zero1_equal_one_device() -> None:
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    opt = _int4_opt(momentum=0.9, centered=True)
+    ref = _sharded_run(opt, None)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    fsdp = {"w": NamedSharding(mesh, P("data", None)), "b": NamedSharding(mesh, P("data"))}
+    out = _sharded_run(opt, fsdp)
+    words = out[1].nu.values["w"]
+    assert words.dtype == np.uint32 and words.sharding.spec == P("data")  # S mirrors the parameter's rows
+    replicated = {k: NamedSharding(mesh, P()) for k in fsdp}
+    shapes = jax.eval_shape(opt.init, {"w": jnp.ones((64, 256)), "b": jnp.ones((16,))})
+    zero1 = rmsprop_jax.zero1_shardings(shapes, mesh, "data")
+    out_z = _sharded_run(opt, replicated, zero1)
+    assert out_z[1].nu.values["w"].addressable_shards[0].data.size == 64 * 32 // 8  # an eighth of the words each
+    for run in (out, out_z):
+        for x, y in zip(jax.tree.leaves(run), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# the last axes of w and b split over "model" at whole words (8 elements per shard), v by rows
+ALIGNED = ((4, 2), ("data", "model"), {"w": P("data", "model"), "v": P("data", None), "b": P("model")}, None)
+
+
+def test_shard_map_with_partition_specs_equals_jit(monkeypatch) -> None:
+    from tests import test_shard_map as sm
+
+    monkeypatch.setattr(sm, "LAYOUTS", {**sm.LAYOUTS, "aligned": ALIGNED})
+    opt = rmsprop_jax.rmsprop(
+        1e-2, state_dtype="int4", min_8bit_size=0, block_size=8, momentum=0.9, centered=True, rounding_seed=3
+    )
+    for layout in ("rows", "aligned"):
+        (p, s, u), jit = sm.steps(opt, layout)
+        assert s.nu.values["w"].dtype == np.uint32
+        sm.assert_bitwise((p, s, u), jit)
+
+
+def test_shard_map_refuses_splits_that_break_blocks_or_words(monkeypatch) -> None:
+    from tests import test_shard_map as sm
+
+    monkeypatch.setattr(sm, "LAYOUTS", {**sm.LAYOUTS, "aligned": ALIGNED})
+    opt = rmsprop_jax.rmsprop(1e-2, state_dtype="int4", min_8bit_size=0, block_size=16)
+    with pytest.raises(ValueError, match=r"params\['b'\] is 4-bit with its last axis split over \('model',\)"):
+        sm.steps(opt, "aligned")  # b's 16 elements in 2 shards of 8: one block of 8 each, the whole axis one of 16
+    # "2d" splits v (8, 24) by columns over 4 devices: 6 per shard, not whole 32-bit words of codes, so
+    # its words cannot follow that split and the state's shard does not match the gradient's
+    opt = rmsprop_jax.rmsprop(1e-2, state_dtype="int4", min_8bit_size=0, block_size=2)
+    with pytest.raises(ValueError, match=r"\['v'\] has shape \(8, 6\) but the optimizer state for that leaf has"):
+        sm.steps(opt, "2d")
