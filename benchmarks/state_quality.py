@@ -12,6 +12,7 @@ differs:
 * ``int8 B=256`` / ``int8 B=2048``: ``state_dtype="int8"`` with that block size (codes
   rounded stochastically, the default for 8-bit), and ``int8 nearest``: B=256 with
   ``stochastic_rounding=False``;
+* ``int4``: ``state_dtype="int4"`` (``S`` in 4-bit codes, blocks of 128, stochastic rounding);
 * ``factored``: ``factored=True`` (row and column statistics for matrices);
 * ``float32, eps+0.01%``: a control, float32 state with ``eps`` 1.0001e-8 instead of 1e-8:
   how far an insignificant perturbation moves each metric (training is chaotic, so
@@ -36,38 +37,34 @@ Decay 0.999 with a bfloat16 state and no stochastic rounding is rejected by
 ``rmsprop_jax`` (``bfloat16(0.999) == 1``, and the EMA would stall); to show what happens
 anyway, every run at that decay passes it as a constant schedule, which is not checked.
 
-4-bit ``S`` (``--only int4``, not in the default run): ``rmsprop_jax._int4`` codes, code
-map (``--int4-maps``) x scales (``--int4-scales``: blocks of 128 or 256, rank-1 row and
-column maxima, or blocks and column maxima) x rounding (``--int4-rounding``: nearest or
-stochastic). Their storage is emulated by ``int4_emulation``: each step encodes the new
-``S`` and the update reads it decoded, bounded below as ``rmsprop_jax`` bounds every lossy
-``S`` (``float32 emulated``, the same loop with a float32 ``S``, checks the loop against
-the library). Every leaf is stored in the format under test (``int8 B=256`` for
-comparison). Workloads (final training loss, per seed against the float32 run of the same
-seed, worst of 3 seeds): the digits MLP 64-64-10 at decay 0.9 and 0.99 and a wider
-64-256-256-10 at 0.99 (lr 1e-3, batch 64, 20 epochs; loss on the whole training set), the
-quadratic above at decay 0.999, a two-block GPT-like model (the tree of
-``benchmarks._contenders.transformer_params``, width 64) on a copy task at decay 0.99
-(400 steps, lr 1e-3; the mean loss of the last 40 steps), and the 64-64-10 MLP with
-bfloat16 parameters rounded stochastically (``rmsprop_jax.param_rounding``) at decay 0.99,
-against float32 ``S`` with the same bfloat16 parameters. ``--only int4-time``: one update
-of a 16M-element ``S`` (decode, EMA, encode, decode) in 4 bits against the 8-bit
-``_quantize.ema_step`` path, jitted, interleaved rounds.
+4-bit ``S`` (``--only int4``, not in the default run): ``state_dtype="int4"`` (blocks of
+128, stochastic rounding) and ``int4 nearest`` (round to nearest), with ``int8 B=256`` for
+comparison; every leaf is stored in the format under test. Workloads (final training
+loss, per seed against the float32 run of the same seed, worst of 3 seeds): the digits
+MLP 64-64-10 at decay 0.9 and 0.99 and a wider 64-256-256-10 at 0.99 (lr 1e-3, batch 64,
+20 epochs; loss on the whole training set), the quadratic above at decay 0.999, a
+two-block GPT-like model (the tree of ``benchmarks._contenders.transformer_params``,
+width 64, vocabulary 32) learning next-token prediction on sequences of a random Markov
+chain at decay 0.99 (400 steps, lr 1e-3; the mean loss of the last 40 steps, which tends
+to the chain's entropy rate), and the 64-64-10 MLP with bfloat16 parameters rounded
+stochastically (``rmsprop_jax.param_rounding``) at decay 0.99, against float32
+parameters with float32 ``S``.
 
 Memory: state bytes per parameter (everything in the state: codes, scales, statistics,
 step count and key) for a 4096 x 4096 matrix, a 16M-element vector and the digits MLP
-with the default ``min_8bit_size``. Step time: the jitted, donated update of that matrix
+with the default ``min_8bit_size``; and the whole training state (parameters + optimizer
+state) of that matrix with float32 parameters and ``S`` against bfloat16 parameters with
+4-bit ``S``. Step time: the jitted, donated update of that matrix
 and vector (16M float32 parameters), interleaved rounds against float32 state.
 """
 
 import argparse
 import datetime
-import functools
 import json
 import pathlib
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +73,7 @@ import optax
 
 import rmsprop_jax
 from benchmarks import _contenders as C, _harness as H
-from rmsprop_jax import _digits, _int4, _quantize, _stochastic_rounding
+from rmsprop_jax import _digits
 
 
 BASELINE = "float32"
@@ -89,6 +86,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "int8 B=256": {"state_dtype": "int8", "block_size": 256},
     "int8 B=2048": {"state_dtype": "int8", "block_size": 2048},
     "int8 nearest": {"state_dtype": "int8", "block_size": 256, "stochastic_rounding": False},
+    "int4": {"state_dtype": "int4"},
     "factored": {"factored": True},
 }
 SEEDS = (0, 1, 2)
@@ -100,7 +98,7 @@ def log(msg: str) -> None:
 
 def make_opt(name: str, lr: Any, decay: Any, *, all_leaves: bool = True, **extra: Any) -> optax.GradientTransformation:
     kwargs = dict(CONFIGS[name], **extra)
-    if all_leaves and kwargs.get("state_dtype") == "int8":
+    if all_leaves and kwargs.get("state_dtype") in ("int8", "int4"):
         kwargs["min_8bit_size"] = 0
     return rmsprop_jax.rmsprop(lr, decay, **kwargs)
 
@@ -285,96 +283,24 @@ def time_table(names: list[str], rounds: int, target_s: float) -> dict[str, Any]
     return {"title": "step time", "rows": out}
 
 
-# ----------------------------------------------------------------------------- 4-bit S (emulated storage)
+# ----------------------------------------------------------------------------- 4-bit S
 
-# The 4-bit variants: code map x scales x rounding. Their storage is emulated by
-# int4_emulation (below), an RMSprop whose S is a tree of rmsprop_jax._int4 codes.
-INT4_SCALES: dict[str, tuple[int | None, bool]] = {
-    "B128": (128, False),
-    "B256": (256, False),
-    "rank1": (None, True),
-    "B128+rank1": (128, True),
+INT4_CONFIGS: dict[str, dict[str, Any]] = {
+    "float32": {},
+    "float32, eps+0.01%": {"eps": 1.0001e-8},
+    "int8 B=256": {"state_dtype": "int8", "block_size": 256},
+    "int4": {"state_dtype": "int4"},  # blocks of 128, stochastic rounding: the defaults
+    "int4 nearest": {"state_dtype": "int4", "stochastic_rounding": False},
 }
-INT4_ROUNDINGS = ("nearest", "SR")
-
-
-def int4_configs(maps: list[str], scales: list[str], roundings: list[str]) -> dict[str, dict[str, Any]]:
-    return {
-        f"int4 {m} {sc} {r}": {
-            "state_dtype": "int4",
-            "spec": _int4.Spec(m, *INT4_SCALES[sc]),
-            "stochastic_rounding": r == "SR",
-        }
-        for m in maps
-        for sc in scales
-        for r in roundings
-    }
-
-
-class Int4EmulationState(NamedTuple):
-    count: jax.Array
-    key: jax.Array
-    nu: Any  # a tree of _int4.Packed
-
-
-def int4_emulation(
-    learning_rate: Any,
-    decay: Any,
-    *,
-    spec: _int4.Spec | None,
-    stochastic_rounding: bool,
-    eps: float = 1e-8,
-    rounding_seed: int = 0,
-    **unused: Any,
-) -> optax.GradientTransformation:
-    """RMSprop (``rmsprop_jax.rmsprop``'s defaults) with ``S`` kept as 4-bit codes between steps.
-
-    Each step computes :math:`S_t = \\rho\\,\\mathrm{decode}(S_{t-1}) + (1 - \\rho) g^2` in
-    float32, stores ``encode(S_t)`` and divides by the root of the stored value, bounded
-    below by :math:`\\sqrt{1 - \\rho}\\,|g|` as ``rmsprop_jax`` does for every lossy ``S``:
-    what a 4-bit storage of ``S`` does. Stochastic rounding draws one uint32 per element
-    from ``_stochastic_rounding.random_bits`` (key, step count, leaf index).
-    """
-    del unused
-
-    def scalar(x: Any, count: jax.Array) -> jax.Array:
-        return jnp.asarray(x(count) if callable(x) else x, jnp.float32)
-
-    def keep(s: jax.Array, bits: jax.Array | None) -> tuple[Any, jax.Array]:
-        return (s, s) if spec is None else _int4.store(s, spec, bits)  # spec None: float32 S, to check the emulation
-
-    def init(params: Any) -> Int4EmulationState:
-        nu = jax.tree.map(
-            lambda p: jnp.zeros(p.shape, jnp.float32) if spec is None else _int4.init(tuple(p.shape), 0.0, spec), params
-        )
-        return Int4EmulationState(jnp.zeros([], jnp.int32), _stochastic_rounding.new_key(rounding_seed), nu)
-
-    def update(grads: Any, state: Int4EmulationState, params: Any = None) -> tuple[Any, Int4EmulationState]:
-        del params
-        rho, lr = scalar(decay, state.count), scalar(learning_rate, state.count)
-        leaves, treedef = jax.tree.flatten(grads)
-        updates, new = [], []
-        for i, (g, nu) in enumerate(zip(leaves, treedef.flatten_up_to(state.nu), strict=True)):
-            g32 = g.astype(jnp.float32)
-            s = rho * (nu if spec is None else _int4.decode(nu)) + (jnp.float32(1) - rho) * g32 * g32
-            bits = _stochastic_rounding.random_bits(state.key, state.count, i, g.shape) if stochastic_rounding else None
-            stored, s_kept = keep(s, bits)
-            root = jnp.maximum(jnp.sqrt(s_kept), jnp.sqrt(jnp.float32(1) - rho) * jnp.abs(g32))
-            updates.append((-lr * g32 / (root + jnp.float32(eps))).astype(g.dtype))
-            new.append(stored)
-        return treedef.unflatten(updates), Int4EmulationState(state.count + 1, state.key, treedef.unflatten(new))
-
-    return optax.GradientTransformation(init, update)
 
 
 def int4_opt(config: dict[str, Any], lr: Any, decay: Any, seed: int = 0) -> optax.GradientTransformation:
-    """The optimizer of a configuration of the 4-bit study (every leaf in the storage under test)."""
+    """The optimizer of a configuration of the 4-bit comparison (every leaf in the storage under test)."""
     kwargs = dict(config)
-    if kwargs.get("state_dtype") == "int4":
-        return int4_emulation(lr, decay, rounding_seed=seed, **kwargs)  # to measure the library's: delete this line
     if kwargs.get("state_dtype") is not None:
-        kwargs.setdefault("min_8bit_size", 0)
-        kwargs["rounding_seed"] = seed
+        kwargs["min_8bit_size"] = 0
+        if kwargs.get("stochastic_rounding", True):
+            kwargs["rounding_seed"] = seed
     return rmsprop_jax.rmsprop(lr, decay, **kwargs)
 
 
@@ -416,10 +342,11 @@ def digits_train_losses(
     return np.asarray(jax.jit(jax.vmap(run))(stacked, x, y, jnp.asarray(np.stack(idx))), np.float64)
 
 
-# A two-block GPT-like model (the tree of benchmarks._contenders.transformer_params) on a copy task:
-# sequences of COPY_HALF random tokens followed by the same tokens again; the loss is the
-# next-token cross-entropy over the second half, which attention must look up in the first.
-COPY_HALF, COPY_VOCAB, COPY_D, COPY_HEADS, COPY_BATCH = 12, 16, 64, 4, 32
+# A two-block GPT-like model (the tree of benchmarks._contenders.transformer_params) learning
+# next-token prediction on sequences of a random Markov chain (one chain per seed, sharp
+# transitions): the loss tends to the chain's entropy rate, well above 0, and falls smoothly
+# (a copy task is either unsolved or solved to ~0, with its jump at a chaotic step).
+SEQ_LEN, SEQ_VOCAB, SEQ_D, SEQ_HEADS, SEQ_BATCH = 24, 32, 64, 4, 32
 
 
 def _layer_norm(x: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
@@ -434,34 +361,46 @@ def _positions(n: int, d: int) -> np.ndarray:
 
 
 def transformer_loss(params: Any, tokens: jax.Array) -> jax.Array:
-    n, d = tokens.shape[-1], COPY_D
+    n, d = tokens.shape[-1], SEQ_D
     x = params["embed"][tokens] + jnp.asarray(_positions(n, d))
     mask = jnp.tril(jnp.ones((n, n), bool))
     for blk in params["blocks"]:
         h = _layer_norm(x, blk["ln1"])
         q, k, v = jnp.split(h @ blk["attn"]["qkv"] + blk["attn"]["qkv_b"], 3, axis=-1)
-        heads = lambda t: t.reshape(*t.shape[:-1], COPY_HEADS, d // COPY_HEADS).swapaxes(-2, -3)
-        att = heads(q) @ heads(k).swapaxes(-1, -2) / np.sqrt(d // COPY_HEADS)
+        heads = lambda t: t.reshape(*t.shape[:-1], SEQ_HEADS, d // SEQ_HEADS).swapaxes(-2, -3)
+        att = heads(q) @ heads(k).swapaxes(-1, -2) / np.sqrt(d // SEQ_HEADS)
         att = jax.nn.softmax(jnp.where(mask, att, -1e9), axis=-1)
         o = (att @ heads(v)).swapaxes(-2, -3).reshape(x.shape)
         x = x + o @ blk["attn"]["out"] + blk["attn"]["out_b"]
         h = _layer_norm(x, blk["ln2"])
         x = x + jax.nn.gelu(h @ blk["mlp"]["up"] + blk["mlp"]["up_b"]) @ blk["mlp"]["down"] + blk["mlp"]["down_b"]
     logits = _layer_norm(x, params["ln_f"]) @ params["embed"].T
-    half = COPY_HALF
-    return optax.softmax_cross_entropy_with_integer_labels(logits[:, half - 1 : -1], tokens[:, half:]).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+
+
+def markov_tokens(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """A batch of sequences of the chain with transition logits ``logits`` (``[from, to]``)."""
+    k0, k1 = jax.random.split(key)
+    first = jax.random.randint(k0, (SEQ_BATCH,), 0, SEQ_VOCAB)
+
+    def body(prev: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        nxt = jax.random.categorical(k, logits[prev])
+        return nxt, nxt
+
+    _, rest = jax.lax.scan(body, first, jax.random.split(k1, SEQ_LEN - 1))
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
 def transformer_losses(make: Any, steps: int, lr: float = 1e-3) -> np.ndarray:
     """Per seed, the mean training loss of the last tenth of the steps (fresh batches every step)."""
-    params = [jax.tree.map(jnp.asarray, C.transformer_params(2, COPY_D, COPY_VOCAB, seed=s)[0]) for s in SEEDS]
+    params = [jax.tree.map(jnp.asarray, C.transformer_params(2, SEQ_D, SEQ_VOCAB, seed=s)[0]) for s in SEEDS]
+    chains = [3.0 * np.random.default_rng(200 + s).standard_normal((SEQ_VOCAB, SEQ_VOCAB)) for s in SEEDS]
     opt = make(0)
 
-    def run(p: Any, key: jax.Array) -> jax.Array:
+    def run(p: Any, key: jax.Array, chain: jax.Array) -> jax.Array:
         def step(carry: Any, k: jax.Array) -> tuple[Any, jax.Array]:
             p, st = carry
-            first = jax.random.randint(k, (COPY_BATCH, COPY_HALF), 0, COPY_VOCAB)
-            value, g = jax.value_and_grad(transformer_loss)(p, jnp.concatenate([first, first], axis=-1))
+            value, g = jax.value_and_grad(transformer_loss)(p, markov_tokens(k, chain))
             u, st = opt.update(g, st, p)
             return (optax.apply_updates(p, u), st), value
 
@@ -470,7 +409,7 @@ def transformer_losses(make: Any, steps: int, lr: float = 1e-3) -> np.ndarray:
 
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *params)
     keys = jnp.stack([jax.random.key(100 + s) for s in SEEDS])
-    return np.asarray(jax.jit(jax.vmap(run))(stacked, keys), np.float64)
+    return np.asarray(jax.jit(jax.vmap(run))(stacked, keys, jnp.asarray(np.stack(chains), jnp.float32)), np.float64)
 
 
 def quadratic_losses(make: Any, decay: float, steps: int, replicas: int, sigma: float = 0.1) -> np.ndarray:
@@ -501,17 +440,9 @@ def quadratic_losses(make: Any, decay: float, steps: int, replicas: int, sigma: 
     return np.array(out)
 
 
-INT4_BASE: dict[str, dict[str, Any]] = {
-    "float32": {},
-    "float32, eps+0.01%": {"eps": 1.0001e-8},
-    "float32 emulated": {"state_dtype": "int4", "spec": None, "stochastic_rounding": False},
-    "int8 B=256": {"state_dtype": "int8", "block_size": 256},
-}
-
-
 def int4_quality(configs: dict[str, dict[str, Any]], quick: bool, only: list[str] | None = None) -> dict[str, Any]:
     """Every configuration on every workload: per seed the final loss, and its relative difference to float32."""
-    epochs, steps_tf, steps_q, replicas = (4, 100, 300, 4) if quick else (20, 400, 3000, 16)
+    epochs, steps_tf, steps_q, replicas = (4, 200, 300, 4) if quick else (20, 400, 3000, 16)
     workloads: dict[str, Any] = {
         "digits d0.9": lambda cfg: digits_train_losses(lambda s: int4_opt(cfg, 1e-3, 0.9, s), (64, 64, 10), epochs),
         "digits d0.99": lambda cfg: digits_train_losses(lambda s: int4_opt(cfg, 1e-3, 0.99, s), (64, 64, 10), epochs),
@@ -522,14 +453,15 @@ def int4_quality(configs: dict[str, dict[str, Any]], quick: bool, only: list[str
             lambda s: int4_opt(cfg, 1e-2, lambda count: jnp.float32(0.999), s), 0.999, steps_q, replicas
         ),
         "transformer d0.99": lambda cfg: transformer_losses(lambda s: int4_opt(cfg, 1e-3, 0.99, s), steps_tf),
-        "digits bf16 d0.99": lambda cfg: digits_train_losses(
-            lambda s: int4_opt(cfg, 1e-3, 0.99, s), (64, 64, 10), epochs, bf16=True
+        # bfloat16 parameters rounded stochastically, against float32 parameters and float32 S
+        "digits bf16 params d0.99": lambda cfg: digits_train_losses(
+            lambda s: int4_opt(cfg, 1e-3, 0.99, s), (64, 64, 10), epochs, bf16=bool(cfg)
         ),
     }
     if only is not None:
         workloads = {w: workloads[w] for w in only}
     log(
-        f"\n== 4-bit S, emulated storage: final training loss vs float32 S, worst of seeds {SEEDS}"
+        f"\n== 4-bit S: final training loss vs float32 S, worst of seeds {SEEDS}"
         f" ({epochs} digits epochs, {steps_tf} transformer steps, {steps_q} quadratic steps x {replicas} replicas)"
     )
     losses: dict[str, dict[str, list[float]]] = {w: {} for w in workloads}
@@ -539,94 +471,30 @@ def int4_quality(configs: dict[str, dict[str, Any]], quick: bool, only: list[str
             losses[w][name] = fn(cfg).tolist()
         log(f"  {w}: float32 {np.round(losses[w][BASELINE], 5).tolist()} ({time.perf_counter() - t0:.0f} s)")
     rows: dict[str, Any] = {}
-    big = (4096, 4096)
-    for name, cfg in configs.items():
-        spec = cfg.get("spec")
+    for name in configs:
         rel = {w: (np.array(losses[w][name]) / np.array(losses[w][BASELINE]) - 1).tolist() for w in workloads}
         worst = {w: max(r, key=abs) for w, r in rel.items()}
-        nbytes = _int4.state_bytes(big, spec) / np.prod(big) if spec is not None else None
-        rows[name] = {"losses": {w: losses[w][name] for w in workloads}, "rel": rel, "worst": worst, "bytes": nbytes}
-        log(
-            f"  {name:28s} "
-            + " ".join(f"{100 * v:+7.2f}%" for v in worst.values())
-            + ("" if nbytes is None else f"  {nbytes:.3f} B/param")
-        )
+        rows[name] = {"losses": {w: losses[w][name] for w in workloads}, "rel": rel, "worst": worst}
+        log(f"  {name:20s} " + " ".join(f"{100 * v:+7.2f}%" for v in worst.values()))
     return {"title": "4-bit S", "workloads": list(workloads), "rows": rows, "quick": quick}
 
 
-def int4_time(rounds: int, target_s: float) -> dict[str, Any]:
-    """One S update (decode, EMA, encode, decode for the step) of 16M elements: 4-bit against 8-bit, jitted."""
-    out = {}
-    for label, shape in (("16M vector", (16 << 20,)), ("4096 x 4096 matrix", (4096, 4096))):
-        log(f"\n== S update (decode, EMA, encode, decode), {label}, jitted, {rounds} interleaved rounds")
-        out[label] = _int4_time_one(shape, rounds, target_s)
-    return {"title": "4-bit S update time", "rows": out}
-
-
-_D, _OMD = 0.99, 0.01
-
-
-@jax.jit
-def _f32_ema(s: jax.Array, g: jax.Array) -> jax.Array:
-    return jnp.float32(_D) * s + jnp.float32(_OMD) * g * g
-
-
-@functools.partial(jax.jit, static_argnums=(4,))
-def _int8_ema(codes: jax.Array, scales: jax.Array, g: jax.Array, count: jax.Array, stochastic: bool) -> Any:
-    """The 8-bit S update as the library's Int8EmaCodec runs it: bounds from block reductions, then ema_step."""
-    fmt, d, omd = _quantize.UNSIGNED, jnp.float32(_D), jnp.float32(_OMD)
-    top, bottom = _quantize.decoded_block_range(codes, scales, fmt)
-    gmax = _quantize.block_abs_max(g, 256)
-    upper, lower = jnp.minimum(d * top + omd * gmax * gmax, jnp.float32(3e38)), d * bottom
-    seed = _stochastic_rounding.step_seed(_stochastic_rounding.new_key(0), count, 0) if stochastic else None
-    new = _quantize.ema_step(codes, scales, d, omd, g, seed, upper, lower)
-    return new, _quantize.dequantize(*new, fmt), count + 1
-
-
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _int4_ema(stored: _int4.Packed, g: jax.Array, count: jax.Array, spec: _int4.Spec, stochastic: bool) -> Any:
-    s = jnp.float32(_D) * _int4.decode(stored) + jnp.float32(_OMD) * g * g
-    bits = _stochastic_rounding.random_bits(_stochastic_rounding.new_key(0), count, 0, g.shape) if stochastic else None
-    new, kept = _int4.store(s, spec, bits)
-    return new, kept, count + 1
-
-
-def _int4_time_one(shape: tuple[int, ...], rounds: int, target_s: float) -> dict[str, Any]:
-    rng = np.random.default_rng(0)
-    g = jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
-    s0 = g * g
-    count0 = jnp.zeros([], jnp.int32)
-    sync = jax.block_until_ready
-    contenders = [H.Contender("float32 EMA", lambda: s0, lambda s: _f32_ema(s, g), sync)]
-    for sr in (False, True):
-        contenders.append(
-            H.Contender(
-                f"int8 B=256 {'SR' if sr else 'nearest'}",
-                lambda: (*_quantize.quantize(s0, 256, _quantize.UNSIGNED), count0),
-                lambda st, sr=sr: (*(r := _int8_ema(st[0], st[1], g, st[2], sr))[0], r[2]),
-                sync,
-            )
-        )
-    for m in _int4.MAPS:
-        for sc in ("B128", "B128+rank1") if len(shape) == 2 else ("B128",):
-            for sr in (False, True):
-                spec = _int4.Spec(m, *INT4_SCALES[sc])
-                contenders.append(
-                    H.Contender(
-                        f"int4 {m} {sc} {'SR' if sr else 'nearest'}",
-                        lambda spec=spec: (_int4.encode(s0, spec), count0),
-                        lambda st, spec=spec, sr=sr: _int4_ema(st[0], g, st[1], spec, sr)[0::2],
-                        sync,
-                    )
-                )
-    times = H.run_interleaved(contenders, rounds, target_s, log=log)
-    rows = {}
-    base = float(np.median(times["float32 EMA"]))
-    for c in contenders:
-        q = H.quantiles(times[c.name])
-        rows[c.name] = {**q, "times": times[c.name], "ratio_to_float32_ema": q["median"] / base}
-        log(f"  {c.name:34s} {H.fmt_time(q['median']):>10s}  x{q['median'] / base:.2f} of the float32 EMA")
-    return rows
+def training_state_bytes() -> dict[str, Any]:
+    """Bytes per parameter of parameters + optimizer state: float32 everything against bfloat16 + 4-bit S."""
+    setups = {
+        "float32 params, float32 S": (jnp.float32, rmsprop_jax.rmsprop(1e-3)),
+        "bfloat16 params (stochastic rounding), int4 S": (
+            jnp.bfloat16,
+            optax.chain(rmsprop_jax.rmsprop(1e-3, state_dtype="int4"), rmsprop_jax.param_rounding("stochastic")),
+        ),
+    }
+    rows: dict[str, float] = {}
+    log("\n== training state (parameters + optimizer state), bytes per parameter, 4096 x 4096 matrix")
+    for label, (dtype, opt) in setups.items():
+        p = jax.ShapeDtypeStruct((4096, 4096), dtype)
+        rows[label] = np.dtype(dtype).itemsize + state_bytes_per_param(opt, p)
+        log(f"  {label:48s} {rows[label]:.4f}")
+    return {"title": "training state bytes per parameter", "rows": rows}
 
 
 # ----------------------------------------------------------------------------- report
@@ -701,36 +569,29 @@ def markdown(results: dict[str, Any]) -> str:
     if "int4" in results:
         r4 = results["int4"]
         wl = r4["workloads"]
-        lines += ["", "**4-bit S** (emulated storage), final training loss vs float32 S, worst seed:", ""]
-        lines += ["| state | " + " | ".join(wl) + " | S bytes/param |", "| --- |" + " --- |" * (len(wl) + 1)]
+        lines += ["", "**4-bit S**, final training loss vs float32 S, worst seed:", ""]
+        lines += ["| state | " + " | ".join(wl) + " |", "| --- |" + " --- |" * len(wl)]
         for n, r in r4["rows"].items():
-            b = "" if r["bytes"] is None else f"{r['bytes']:.3f}"
-            lines.append(f"| {n} | " + " | ".join(f"{100 * r['worst'][w]:+.2f}%" for w in wl) + f" | {b} |")
-    if "int4_time" in results:
-        for label, rows in results["int4_time"]["rows"].items():
-            lines += ["", f"**S update time**, {label} (median; time / float32 EMA time):", ""]
-            lines += ["| state | time | vs float32 EMA |", "| --- | --- | --- |"]
-            for n, r in rows.items():
-                lines.append(f"| {n} | {H.fmt_time(r['median'])} | x{r['ratio_to_float32_ema']:.2f} |")
+            lines.append(f"| {n} | " + " | ".join(f"{100 * r['worst'][w]:+.2f}%" for w in wl) + " |")
+    if "training_bytes" in results:
+        lines += ["", "**Training state** (parameters + optimizer state), 4096 x 4096 matrix:", ""]
+        lines += ["| setup | bytes per parameter |", "| --- | --- |"]
+        for n, v in results["training_bytes"]["rows"].items():
+            lines.append(f"| {n} | {v:.3f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer epochs, steps and rounds (a smoke test)")
-    parser.add_argument(
-        "--only", default=None, help="comma-separated: digits,quadratic,stall,memory,time,int4,int4-time"
-    )
-    parser.add_argument("--int4-maps", default=",".join(_int4.MAPS), help="4-bit code maps to compare")
-    parser.add_argument("--int4-scales", default=",".join(INT4_SCALES), help="4-bit scales to compare")
-    parser.add_argument("--int4-rounding", default=",".join(INT4_ROUNDINGS), help="nearest,SR")
+    parser.add_argument("--only", default=None, help="comma-separated: digits,quadratic,stall,memory,time,int4")
     parser.add_argument("--int4-workloads", default=None, help="comma-separated subset of the 4-bit workloads")
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds (default 10; quick 3)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON path (default benchmarks/results/)")
     parser.add_argument("--markdown", type=pathlib.Path, default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
-    allowed = {"digits", "quadratic", "stall", "memory", "time", "int4", "int4-time"}
-    only = set(allowed - {"int4", "int4-time"} if args.only is None else args.only.split(","))
+    allowed = {"digits", "quadratic", "stall", "memory", "time", "int4"}
+    only = set(allowed - {"int4"} if args.only is None else args.only.split(","))
     if not only <= allowed:
         parser.error(f"--only: unknown part(s) {sorted(only - allowed)}; allowed: {', '.join(sorted(allowed))}")
     quick = args.quick
@@ -755,17 +616,12 @@ def main(argv: list[str] | None = None) -> int:
         results["stall"] = stall_demo(300 if quick else 3000)
     if "memory" in only:
         results["memory"] = memory_table(storage_names)
+        results["training_bytes"] = training_state_bytes()
     if "time" in only:
         results["time"] = time_table(storage_names, args.rounds or (3 if quick else 10), 0.01 if quick else 0.05)
     if "int4" in only:
-        configs = dict(INT4_BASE)
-        configs.update(
-            int4_configs(args.int4_maps.split(","), args.int4_scales.split(","), args.int4_rounding.split(","))
-        )
         wl = None if args.int4_workloads is None else args.int4_workloads.split(",")
-        results["int4"] = int4_quality(configs, quick, wl)
-    if "int4-time" in only:
-        results["int4_time"] = int4_time(args.rounds or (3 if quick else 10), 0.01 if quick else 0.05)
+        results["int4"] = int4_quality(INT4_CONFIGS, quick, wl)
     meta["seconds"] = round(time.perf_counter() - t0, 1)
     meta["loadavg_end"] = H.loadavg()
     out = args.out or pathlib.Path(__file__).parent / "results" / (
