@@ -118,21 +118,24 @@ def rmsprop(
         for 16-bit parameters, the parameter's precision otherwise. ``"int8"``:
         block-wise 8-bit codes with one float32 scale per block (a non-negative code
         map for ``S``, a signed one for ``m`` and the momentum buffer), about 1.02
-        bytes per element; see :func:`scale_by_rms`.
+        bytes per element. ``"int4"``: ``S`` in 4-bit codes (0.53 bytes per element;
+        leaves whose last axis is not a multiple of 8 keep 8-bit codes), ``m`` and the
+        momentum buffer as with ``"int8"``. See :func:`scale_by_rms`.
       on_nonfinite: what a step whose gradients hold a NaN or Inf does.
         ``"propagate"``: nothing special, as optax. ``"skip"``: the updates are
         ``-0.0`` (``apply_updates`` then leaves every parameter bit for bit
         unchanged), the state is kept bit for bit, and ``nonfinite_count`` counts the
         step. ``"zero"``: the offending entries count as zero gradients.
       stochastic_rounding: store the buffers rounded up or down at random, unbiased,
-        instead of to nearest (see :func:`scale_by_rms`). Needs a 16-bit or
-        ``"int8"`` state; ``None``: on for ``"int8"``, off otherwise.
-      block_size: ``"int8"`` only: the largest number of elements per block, along
-        the last axis. ``None``: 256.
-      min_8bit_size: ``"int8"`` only: leaves with fewer elements, and scalars, keep a
-        float state. ``None``: 4096.
+        instead of to nearest (see :func:`scale_by_rms`). Needs a 16-bit,
+        ``"int8"`` or ``"int4"`` state; ``None``: on for those two, off otherwise.
+      block_size: ``"int8"`` and ``"int4"`` only: the largest number of elements per
+        block, along the last axis. ``None``: 256 for ``"int8"``, 128 for ``"int4"``.
+      min_8bit_size: ``"int8"`` and ``"int4"`` only: leaves with fewer elements, and
+        scalars, keep a float state. ``None``: 4096.
       factored: keep ``S`` of leaves with two or more dimensions as row and column
-        statistics (see :func:`scale_by_rms`). Not with ``centered`` or ``"int8"``.
+        statistics (see :func:`scale_by_rms`). Not with ``centered``, ``"int8"`` or
+        ``"int4"``.
       rounding_seed: seed of the stochastic-rounding key, an int in [0, 2**64).
         ``None``: 0.
 

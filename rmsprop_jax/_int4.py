@@ -31,7 +31,7 @@ On the digits MLP (decay 0.9 / 0.99, stochastic rounding, blocks of 128, worst o
 seeds) the final training loss differs from float32 ``S``'s by +1.6% / -1.3% with the linear map, -5.0% / -7.8% with
 ``"half-binade"`` and -17% / -19% with ``"binade"``. Round-to-nearest stalls the EMA
 (at decay 0.99 every map ends 23-37% away), so stochastic rounding is the one to train
-with (``python -m benchmarks.state_quality --only int4``).
+with. ``state_dtype="int4"`` uses the linear map with blocks of 128 (:func:`encode_words`).
 
 **Rounding.** Values are normalized, :math:`x = S/A \in [0, 1]`, and rounded in the
 map's own domain: to the nearest code in :math:`x` for ``"linear"`` (ties up), in

@@ -17,12 +17,14 @@ class ScaleByRmsState(NamedTuple):
     Attributes:
       count: number of updates applied so far (int32 scalar, saturating).
       nu: ``S``, the EMA of :math:`|g|^2`; same tree and shapes as the parameters, real.
-        With ``stochastic_rounding``, ``state_dtype="int8"`` or ``factored``, a
-        ``StoredBuffer`` whose ``values`` hold that tree (16-bit, 8-bit codes, or row
-        statistics), ``aux`` the block scales or column statistics and ``key`` the
+        With ``stochastic_rounding``, ``state_dtype="int8"`` or ``"int4"``, or
+        ``factored``, a ``StoredBuffer`` whose ``values`` hold that tree (16-bit, 8-bit
+        codes, 4-bit codes packed eight per ``uint32``, or row statistics), ``aux``
+        the block scales or column statistics and ``key`` the
         rounding key; ``rmsprop_jax.decode_state`` gives the plain tree.
       mu: the EMA of g when ``centered=True``; otherwise ``optax.EmptyState()``,
-        which holds no arrays. A ``StoredBuffer`` with ``state_dtype="int8"``.
+        which holds no arrays. A ``StoredBuffer`` with ``state_dtype="int8"`` or
+        ``"int4"`` (8-bit codes).
       nonfinite_count: steps whose gradients held a NaN or Inf (skipped, or with
         those entries zeroed), an int32 scalar, when ``on_nonfinite`` is ``"skip"``
         or ``"zero"``; otherwise ``optax.EmptyState()``.
@@ -88,7 +90,11 @@ def scale_by_rms(
     momentum buffer use a signed map. The scale of a block of ``S`` is
     :math:`\rho A + (1-\rho) M^2`, with :math:`A` its largest stored value and :math:`M`
     its largest gradient, a bound of the new maximum that costs no second pass.
-    ``factored`` stores :math:`n + m` numbers per :math:`n \times m` matrix. Then ``nu``
+    ``state_dtype="int4"`` stores ``S`` in 4 bits: 16 codes :math:`(k + 1) A / 16` of the
+    block's largest value :math:`A` (blocks of 128), rounded stochastically; 0 is not a
+    code, so a small ``S`` is rounded up (a shorter step), never to 0 (a step of
+    :math:`g / \epsilon`). ``m`` and the momentum buffer keep 8-bit codes. ``factored``
+    stores :math:`n + m` numbers per :math:`n \times m` matrix. Then ``nu``
     (and with 8 bits ``mu``) is a :class:`~rmsprop_jax.StoredBuffer`;
     :func:`~rmsprop_jax.decode_state` returns the plain values.
 
@@ -110,6 +116,8 @@ def scale_by_rms(
       state_dtype: dtype ``S`` and ``m`` are stored in. ``None``: float32 for 16-bit
         parameters and the parameter's precision otherwise. ``"int8"``: 8-bit codes
         in blocks along the last axis, one float32 scale per block (see below).
+        ``"int4"``: ``S`` in 4-bit codes, ``m`` in 8-bit ones (see below); a leaf whose
+        last axis is not a multiple of 8 keeps an 8-bit ``S``.
       on_nonfinite: what a step whose gradients hold a NaN or Inf does:
         ``"propagate"`` (as optax), ``"skip"`` (updates of ``-0.0``, the state kept
         bit for bit and the step counted in ``nonfinite_count``) or ``"zero"`` (those
@@ -117,19 +125,20 @@ def scale_by_rms(
         only: use it in :func:`rmsprop`, or wrap a whole chain in
         ``optax.apply_if_finite``, to skip momentum too.
       stochastic_rounding: round each stored value up or down at random, with the
-        probabilities that make it unbiased, instead of to nearest. Needs a 16-bit or
-        ``"int8"`` state; ``None``: on for ``"int8"``, off otherwise. The random bits
+        probabilities that make it unbiased, instead of to nearest. Needs a 16-bit,
+        ``"int8"`` or ``"int4"`` state; ``None``: on for those two, off otherwise. The random bits
         are a hash of the element's index, the step count and a key kept in the state
         (``rounding_seed``): reproducible, and the same on any device layout.
-      block_size: ``"int8"`` only: the largest number of elements per block. A row
-        of length :math:`n` is split into :math:`\lceil n/B \rceil` equal blocks, so
-        blocks never span rows (nor shards of the leading axes). ``None``: 256.
-      min_8bit_size: ``"int8"`` only: leaves with fewer elements, and scalars, keep the
+      block_size: ``"int8"`` and ``"int4"`` only: the largest number of elements per
+        block. A row of length :math:`n` is split into :math:`\lceil n/B \rceil` equal
+        blocks, so blocks never span rows (nor shards of the leading axes). ``None``:
+        256 for ``"int8"``, 128 for ``"int4"``.
+      min_8bit_size: ``"int8"`` and ``"int4"`` only: leaves with fewer elements, and scalars, keep the
         float state of ``state_dtype=None``. ``None``: 4096 (bitsandbytes' default).
       factored: for leaves with two or more dimensions keep, instead of ``S``, EMAs of
         the row and column means of :math:`|g|^2` over the last two axes, and use
         :math:`\hat S_{ij} = r_i c_j / \bar r` (Adafactor's estimator; the rest is
-        RMSprop's). Not with ``centered`` or ``"int8"``.
+        RMSprop's). Not with ``centered``, ``"int8"`` or ``"int4"``.
       rounding_seed: seed of the stochastic-rounding key, an int in [0, 2**64).
         ``None``: 0.
 
