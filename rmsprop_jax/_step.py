@@ -295,28 +295,13 @@ def _shard_layouts(
                 "Pass the parameters' PartitionSpecs, the in_specs given to shard_map for them: "
                 "opt.update(grads, state, params, partition_specs=param_specs) (P() for a replicated parameter)."
             )
-        lay = _layout(specs[i], len(ref.shape), manual, path)
+        lay = _stochastic_rounding.layout(specs[i], len(ref.shape), manual, f"partition_specs{_tree.path_str(path)}")
         if lay is not None:
             for x in stored:
                 if x is not None:
                     x.check_shard(lay, tuple(ref.shape), path)
         out.append(lay)
     return out
-
-
-def _layout(spec: PartitionSpec | None, ndim: int, manual: tuple[str, ...], path: KeyPath) -> Layout | None:
-    """One leaf's PartitionSpec as a Layout over the manual axes (None: the shard is the whole array)."""
-    where = f"partition_specs{_tree.path_str(path)}"
-    entries = () if spec is None else tuple(spec)
-    if len(entries) > ndim:
-        raise ValueError(f"{where} is {spec}, {len(entries)} entries for a parameter with {ndim} dimensions.")
-    lay = []
-    for e in (*entries, *(None,) * (ndim - len(entries))):
-        names = () if e is None else (e,) if isinstance(e, str) else e
-        if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"{where} is {spec}: each entry must be None, a mesh axis name or a tuple of them.")
-        lay.append(tuple(n for n in names if n in manual))  # auto axes are not split inside shard_map
-    return tuple(lay) if any(lay) else None
 
 
 class LeafPlace(NamedTuple):
@@ -488,28 +473,6 @@ def _with_array_hyperparameters(skeleton: Plan) -> Callable[..., Any]:
     return jax.jit(run, static_argnames="specs")
 
 
-def _partition_specs(partition_specs: object, values: optax.Params) -> Specs:
-    """One PartitionSpec (or None) per leaf of ``values``, from a tree like the parameters or a prefix of it."""
-    per_leaf: list[PartitionSpec | None] = []
-
-    def is_spec(x: object) -> bool:
-        return x is None or isinstance(x, PartitionSpec)
-
-    def expand(spec: PartitionSpec | None, subtree: optax.Params) -> None:
-        if not is_spec(spec):
-            raise TypeError(f"partition_specs holds {spec!r}; its leaves must be PartitionSpecs (or None).")
-        per_leaf.extend([spec] * jax.tree.structure(subtree).num_leaves)
-
-    try:
-        jax.tree.map(expand, partition_specs, values, is_leaf=is_spec)
-    except ValueError as e:
-        raise ValueError(
-            "partition_specs must be a tree of PartitionSpecs like the parameters (or a prefix of it, such as one "
-            f"PartitionSpec for all): {e}"
-        ) from None
-    return tuple(per_leaf)
-
-
 def transformation(plan: Plan, state_type: type) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """``(init_fn, update_fn)`` of a transformation with ``state_type`` (a NamedTuple of :func:`init`'s fields)."""
 
@@ -535,7 +498,11 @@ def transformation(plan: Plan, state_type: type) -> tuple[Callable[..., Any], Ca
         params = None if plan.descent is None else params  # scale_by_rms ignores them (they may not even be arrays)
         decay = plan.moment.decay
         decay_t = decay(state.count) if callable(decay) else None
-        specs = None if partition_specs is None else _partition_specs(partition_specs, _storage.values_of(state.nu))
+        specs = (
+            None
+            if partition_specs is None
+            else _stochastic_rounding.per_leaf_specs(partition_specs, _storage.values_of(state.nu))
+        )
         return step_fn(updates, state, params, lr_t, decay_t, specs=specs)
 
     CONFIGS[update_fn] = plan
