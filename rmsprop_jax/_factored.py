@@ -45,7 +45,7 @@ def holds(leaf: Leaf) -> bool:
     return leaf.aux is not None and np.ndim(leaf.aux) > 0 and jnp.issubdtype(leaf.values.dtype, jnp.floating)
 
 
-def init(param: jax.Array | jax.ShapeDtypeStruct, value: float | jax.Array, dtype: np.dtype) -> Leaf:
+def init(param: jax.Array | jax.ShapeDtypeStruct, value: jax.typing.ArrayLike, dtype: np.dtype) -> Leaf:
     """The stored statistics of a parameter, every one ``value``: rows as values, columns as aux."""
     shape = tuple(np.shape(param))
     rows = full_reduced(param, row_shape(shape), value, dtype, -1)

@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from rmsprop_jax import _kernel, _stochastic_rounding, _tree
+from rmsprop_jax._stochastic_rounding import Layout
 
 
 MODES = ("stochastic", "compensated")
@@ -142,7 +143,7 @@ def landing_update(p: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Arra
     return u, jax.lax.bitcast_convert_type(r.astype(jnp.uint16), dtype)
 
 
-def param_rounding(mode: str, *, seed: int = 0) -> optax.GradientTransformation:
+def param_rounding(mode: str, *, seed: int = 0) -> optax.GradientTransformationExtraArgs:
     r"""Rounds 16-bit parameter updates stochastically or with Kahan compensation.
 
     Chain it last, after any optimizer: the plain ``optax.apply_updates(params,
@@ -174,8 +175,10 @@ def param_rounding(mode: str, *, seed: int = 0) -> optax.GradientTransformation:
       seed: the stochastic mode's seed, an int in [0, 2**64).
 
     Returns:
-      An ``optax.GradientTransformation`` whose ``update`` needs ``params``; its state is
-      a :class:`ParamRoundingState` (or ``optax.EmptyState()``, see above).
+      An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params``
+      (and inside ``jax.shard_map``, for ``"stochastic"``, ``partition_specs``: the
+      parameters' PartitionSpecs, as :func:`rmsprop` takes them); its state is a
+      :class:`ParamRoundingState` (or ``optax.EmptyState()``, see above).
 
     Raises:
       ValueError: an unknown ``mode``, a ``seed`` out of range, or ``update`` called
@@ -212,7 +215,7 @@ def param_rounding(mode: str, *, seed: int = 0) -> optax.GradientTransformation:
         residual = jax.tree.map(lambda p: _tree.full_like(p, 0, RESIDUAL_DTYPE) if _is_low(p) else None, params)
         return ParamRoundingState(count, None, residual)
 
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+    def update_fn(updates: Any, state: Any, params: Any = None, *, partition_specs: object = None) -> tuple[Any, Any]:
         if params is None:
             raise ValueError(
                 "param_rounding needs params in update: call opt.update(updates, state, params) "
@@ -235,6 +238,7 @@ def param_rounding(mode: str, *, seed: int = 0) -> optax.GradientTransformation:
             if jnp.shape(u_leaves[i]) != jnp.shape(p_leaves[i]):
                 got, want = jnp.shape(u_leaves[i]), jnp.shape(p_leaves[i])
                 raise ValueError(f"updates{paths[i]} has shape {got}; params{paths[i]} has {want}.")
+        layouts = _layouts(params, low, partition_specs, paths) if stochastic else (None,) * len(low)
         new_u, new_c = _round_leaves(
             [p_leaves[i] for i in low],
             [u_leaves[i] for i in low],
@@ -243,6 +247,7 @@ def param_rounding(mode: str, *, seed: int = 0) -> optax.GradientTransformation:
             state.count,
             salts=tuple(_SALT + i for i in low),
             stochastic=stochastic,
+            layouts=layouts,
         )
         out_u, out_c = list(u_leaves), [None] * len(p_leaves)  # wide leaves: the same objects, untouched
         for j, i in enumerate(low):
@@ -251,11 +256,30 @@ def param_rounding(mode: str, *, seed: int = 0) -> optax.GradientTransformation:
         residual = None if stochastic else jax.tree.unflatten(treedef, out_c)
         return jax.tree.unflatten(treedef, out_u), ParamRoundingState(count, state.key, residual)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _layouts(params: Any, low: list[int], partition_specs: object, paths: list[str]) -> tuple[Layout | None, ...]:
+    """Per 16-bit leaf, where this shard sits inside ``jax.shard_map`` (all None outside it)."""
+    manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+    if not manual or not low:
+        return (None,) * len(low)
+    if partition_specs is None:
+        raise ValueError(
+            f"inside jax.shard_map (manual mesh axes {manual}) each device holds a shard of params{paths[low[0]]}, "
+            "and param_rounding('stochastic') draws each element's random bits from its index in the whole array: "
+            "pass the parameters' PartitionSpecs, the in_specs given to shard_map for them: "
+            "opt.update(updates, state, params, partition_specs=param_specs) (P() for a replicated parameter)."
+        )
+    specs = _stochastic_rounding.per_leaf_specs(partition_specs, params)
+    leaves = jax.tree.leaves(params)
+    return tuple(
+        _stochastic_rounding.layout(specs[i], jnp.ndim(leaves[i]), manual, f"partition_specs{paths[i]}") for i in low
+    )
 
 
 # Jitted so that an eager update is the same compiled computation as a jitted caller's (and fast).
-@functools.partial(jax.jit, static_argnames=("salts", "stochastic"))
+@functools.partial(jax.jit, static_argnames=("salts", "stochastic", "layouts"))
 def _round_leaves(
     params: list[jax.Array],
     updates: list[jax.Array],
@@ -265,10 +289,11 @@ def _round_leaves(
     *,
     salts: tuple[int, ...],
     stochastic: bool,
+    layouts: tuple[Layout | None, ...],
 ) -> tuple[list[jax.Array], list[Any]]:
     """The 16-bit leaves' new updates (and residuals, compensated): see :func:`param_rounding`."""
     out_u, out_c = [], []
-    for p, u_in, c, salt in zip(params, updates, residuals, salts, strict=True):
+    for p, u_in, c, salt, lay in zip(params, updates, residuals, salts, layouts, strict=True):
         # Differentiated as the identity (straight-through): the new update's derivative is the
         # incoming update's, and the residual has none (its derivative, x's minus the rounding's, is 0).
         p, u = jax.lax.stop_gradient((jnp.asarray(p), jnp.asarray(u_in)))
@@ -277,7 +302,7 @@ def _round_leaves(
         x = p.astype(wide) + u.astype(wide)
         if stochastic:
             assert key is not None
-            bits = _stochastic_rounding.random_bits(key, count, salt, p.shape)
+            bits = _stochastic_rounding.random_bits(key, count, salt, p.shape, lay)
             target = _stochastic_rounding.round_stochastic(x, p.dtype, bits, saturate=False)
         else:
             x = x + c.astype(wide)

@@ -9,8 +9,8 @@ its codec's business (:mod:`._codecs`); nothing here depends on it.
 import contextlib
 import functools
 import weakref
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,8 @@ import numpy as np
 import optax
 from jax.core import Tracer
 from jax.sharding import PartitionSpec
+from jax.tree_util import KeyPath
+from jax.typing import ArrayLike
 
 from rmsprop_jax import (
     _codecs,
@@ -35,6 +37,16 @@ from rmsprop_jax._config import Plan
 from rmsprop_jax._kernel import StepScalars
 from rmsprop_jax._stochastic_rounding import Layout
 from rmsprop_jax._storage import Leaf
+
+
+if TYPE_CHECKING:  # defined beside their factories, which import this module
+    from rmsprop_jax._alias import RmspropState
+    from rmsprop_jax._transform import ScaleByRmsState
+
+
+ParamLike = jax.Array | jax.ShapeDtypeStruct  # a parameter, or its shape and dtype
+StepState = Union["RmspropState", "ScaleByRmsState"]
+Specs = tuple[PartitionSpec | None, ...]  # one per leaf
 
 
 STATE_NAME = "the optimizer state (built from params)"
@@ -58,7 +70,7 @@ class LeafCodecs(NamedTuple):
         """Whether S is factored (another estimator: nu holds its row and column statistics)."""
         return self.columns is not None
 
-    def param_shape(self, nu: Leaf) -> Any:
+    def param_shape(self, nu: Leaf) -> ParamLike:
         """The parameter's shape and dtype, from the stored ``S``."""
         return _factored.param_shape(nu) if self.factored else self.nu.param_shape(nu)
 
@@ -75,7 +87,7 @@ def leaf_codecs(storage: Storage, nu: Leaf, mu: Leaf | None, trace: Leaf | None)
     return LeafCodecs(nu_codec, of(Buffer.MU, mu), of(Buffer.TRACE, trace), columns)
 
 
-def init(plan: Plan, params: Any) -> dict[str, Any]:
+def init(plan: Plan, params: optax.Params) -> dict[str, object]:
     """The fields of a fresh state (``trace`` for rmsprop only; buffers absent from the plan are empty)."""
     moment, descent = plan.moment, plan.descent
     fields = {
@@ -89,7 +101,7 @@ def init(plan: Plan, params: Any) -> dict[str, Any]:
     return {**fields, "nonfinite_count": _nonfinite.init_count(plan.on_nonfinite)}
 
 
-def _init_buffer(plan: Plan, buffer: Buffer, params: Any, value: Any) -> Any:
+def _init_buffer(plan: Plan, buffer: Buffer, params: optax.Params, value: ArrayLike) -> optax.Params:
     """The field of ``buffer`` for ``params``, every element ``value``."""
     storage = plan.storage
     paths, treedef = _tree.leaves_with_paths(params)
@@ -101,7 +113,7 @@ def _init_buffer(plan: Plan, buffer: Buffer, params: Any, value: Any) -> Any:
     return _storage.pack(treedef, new, has_aux, key)
 
 
-def _init_leaf(plan: Plan, buffer: Buffer, param: Any, path: Any, value: Any) -> Leaf:
+def _init_leaf(plan: Plan, buffer: Buffer, param: ParamLike, path: KeyPath, value: ArrayLike) -> Leaf:
     """The stored leaf of ``buffer`` for one parameter (array or shape struct) at ``path``."""
     storage = plan.storage
     shape, dtype = tuple(np.shape(param)), _tree.leaf_dtype(param)
@@ -127,7 +139,7 @@ def _init_leaf(plan: Plan, buffer: Buffer, param: Any, path: Any, value: Any) ->
     return _init_float(plan, buffer, param, value, nu_dtype)
 
 
-def _init_float(plan: Plan, buffer: Buffer, param: Any, value: Any, dtype: np.dtype) -> Leaf:
+def _init_float(plan: Plan, buffer: Buffer, param: ParamLike, value: ArrayLike, dtype: np.dtype) -> Leaf:
     if buffer is Buffer.NU:
         _check_param_precision(plan, dtype)
     return _codecs.float_codec(buffer, dtype, plan.storage).init(param, value)
@@ -141,13 +153,13 @@ def _check_param_precision(plan: Plan, nu_dtype: np.dtype) -> None:
 
 def update(
     plan: Plan,
-    updates: Any,
-    state: Any,
-    params: Any,
-    lr_t: Any,
-    decay_t: Any,
-    specs: tuple[Any, ...] | None = None,
-) -> tuple[Any, Any]:
+    updates: optax.Updates,
+    state: StepState,
+    params: optax.Params | None,
+    lr_t: jax.Array | None,
+    decay_t: jax.Array | None,
+    specs: Specs | None = None,
+) -> tuple[optax.Updates, StepState]:
     """One step of the whole tree; ``lr_t``, ``decay_t``: the schedules' values at ``state.count``, or None.
 
     A gradient leaf that is None (``eqx.filter_grad``, a frozen part of the model) gets a
@@ -170,7 +182,7 @@ def update(
     present = [g is not None for g in grads]
     layouts = _shard_layouts(plan.storage, specs, values, refs, present, codecs)
     gs, all_finite = _nonfinite.screen(mode, [g for g in grads if g is not None])
-    ps: list[Any] = [None] * n
+    ps: list[jax.Array | None] = [None] * n
     use_wd = descent is not None and descent.use_weight_decay
     if use_wd and n:
         assert descent is not None
@@ -215,14 +227,14 @@ def update(
 
 def _checked_leaves(
     name: str,
-    tree: Any,
+    tree: optax.Updates,
     treedef: Any,
-    values: Any,
-    refs: list[Any],
-    kinds: list[Any],
-    convert: Callable[[Any], Any],
+    values: optax.Params,
+    refs: list[ParamLike],
+    kinds: Sequence[Leaf | None],
+    convert: Callable[[jax.Array], jax.Array],
     needed: list[bool] | None = None,
-) -> list[Any]:
+) -> list[jax.Array | None]:
     """The leaves of ``tree`` (``updates`` or ``params``), converted, each checked against its parameter's shape.
 
     A None where the state has a leaf stays None (a leaf without a gradient); ``needed``
@@ -251,9 +263,9 @@ def _checked_leaves(
 
 def _shard_layouts(
     storage: Storage,
-    specs: tuple[Any, ...] | None,
-    values: Any,
-    refs: list[Any],
+    specs: Specs | None,
+    values: optax.Params,
+    refs: list[ParamLike],
     present: list[bool],
     codecs: list[LeafCodecs],
 ) -> list[Layout | None]:
@@ -283,28 +295,13 @@ def _shard_layouts(
                 "Pass the parameters' PartitionSpecs, the in_specs given to shard_map for them: "
                 "opt.update(grads, state, params, partition_specs=param_specs) (P() for a replicated parameter)."
             )
-        lay = _layout(specs[i], len(ref.shape), manual, path)
+        lay = _stochastic_rounding.layout(specs[i], len(ref.shape), manual, f"partition_specs{_tree.path_str(path)}")
         if lay is not None:
             for x in stored:
                 if x is not None:
                     x.check_shard(lay, tuple(ref.shape), path)
         out.append(lay)
     return out
-
-
-def _layout(spec: Any, ndim: int, manual: tuple[str, ...], path: Any) -> Layout | None:
-    """One leaf's PartitionSpec as a Layout over the manual axes (None: the shard is the whole array)."""
-    where = f"partition_specs{_tree.path_str(path)}"
-    entries = () if spec is None else tuple(spec)
-    if len(entries) > ndim:
-        raise ValueError(f"{where} is {spec}, {len(entries)} entries for a parameter with {ndim} dimensions.")
-    lay = []
-    for e in (*entries, *(None,) * (ndim - len(entries))):
-        names = () if e is None else (e,) if isinstance(e, str) else e
-        if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"{where} is {spec}: each entry must be None, a mesh axis name or a tuple of them.")
-        lay.append(tuple(n for n in names if n in manual))  # auto axes are not split inside shard_map
-    return tuple(lay) if any(lay) else None
 
 
 class LeafPlace(NamedTuple):
@@ -375,9 +372,9 @@ def leaf_step(
         u, nu_out, mu_out = _kernel.rms_normalize(
             gc, codecs.nu.decode(x.nu, ct), mu_c, s, moment.rms_options, codecs.nu.top, nu_store, mu_store
         )
-        nu_new = _kept(codecs.nu, nu_store, nu_out, x.nu, ctx)
+        nu_new = _kept(codecs.nu, nu_out, x.nu, ctx)
         if x.mu is not None and codecs.mu is not None:
-            mu_new = _kept(codecs.mu, mu_store, mu_out, x.mu, ctx)
+            mu_new = _kept(codecs.mu, mu_out, x.mu, ctx)
 
     if descent is None:  # scale_by_rms: the normalized gradient itself
         return LeafOutputs(u.astype(g.dtype), nu_new, mu_new, None)
@@ -390,7 +387,7 @@ def leaf_step(
         delta, trace_out = _kernel.momentum(
             u, codecs.trace.decode(x.trace, ct), s, descent.nesterov, descent.lr_after_momentum, trace_store
         )
-        trace_new = _kept(codecs.trace, trace_store, trace_out, x.trace, ctx)
+        trace_new = _kept(codecs.trace, trace_out, x.trace, ctx)
     if s.weight_decay is not None and descent.decoupled_weight_decay:
         assert pc is not None
         delta = _kernel.add_weight_decay(delta, s.lr * s.weight_decay, pc)
@@ -404,9 +401,11 @@ def _store(codec: Codec, old: Leaf, ctx: StepContext) -> _codecs.Store | None:
     return functools.partial(codec.encode, old=old, ctx=ctx)
 
 
-def _kept(codec: Codec, store: _codecs.Store | None, out: Any, old: Leaf, ctx: StepContext) -> Leaf:
-    """The new stored leaf: ``out`` itself when ``store`` already encoded it, else encoded now."""
-    return out if store is not None else codec.encode(out, old, ctx)[0]
+def _kept(codec: Codec, out: jax.Array | Leaf, old: Leaf, ctx: StepContext) -> Leaf:
+    """The new stored leaf: ``out`` itself when the normalization already encoded it, else encoded now."""
+    if isinstance(out, Leaf):
+        return out
+    return codec.encode(out, old, ctx)[0]
 
 
 def compiled(plan: Plan) -> Callable[..., Any]:
@@ -450,7 +449,7 @@ def compiled(plan: Plan) -> Callable[..., Any]:
     return call
 
 
-def _static(value: Any) -> bool:
+def _static(value: object) -> bool:
     return value is None or callable(value) or isinstance(value, bool | int | float | np.ndarray | np.generic)
 
 
@@ -474,39 +473,22 @@ def _with_array_hyperparameters(skeleton: Plan) -> Callable[..., Any]:
     return jax.jit(run, static_argnames="specs")
 
 
-def _partition_specs(partition_specs: Any, values: Any) -> tuple[Any, ...]:
-    """One PartitionSpec (or None) per leaf of ``values``, from a tree like the parameters or a prefix of it."""
-    per_leaf: list[Any] = []
-
-    def is_spec(x: Any) -> bool:
-        return x is None or isinstance(x, PartitionSpec)
-
-    def expand(spec: Any, subtree: Any) -> None:
-        if not is_spec(spec):
-            raise TypeError(f"partition_specs holds {spec!r}; its leaves must be PartitionSpecs (or None).")
-        per_leaf.extend([spec] * jax.tree.structure(subtree).num_leaves)
-
-    try:
-        jax.tree.map(expand, partition_specs, values, is_leaf=is_spec)
-    except ValueError as e:
-        raise ValueError(
-            "partition_specs must be a tree of PartitionSpecs like the parameters (or a prefix of it, such as one "
-            f"PartitionSpec for all): {e}"
-        ) from None
-    return tuple(per_leaf)
-
-
 def transformation(plan: Plan, state_type: type) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """``(init_fn, update_fn)`` of a transformation with ``state_type`` (a NamedTuple of :func:`init`'s fields)."""
 
-    def init_fn(params: optax.Params) -> Any:
+    def init_fn(params: optax.Params) -> optax.OptState:
         return state_type(**init(plan, params))
 
     step_fn = compiled(plan)
 
     def update_fn(
-        updates: Any, state: Any, params: Any = None, *, partition_specs: Any = None, **extra_args: Any
-    ) -> tuple[Any, Any]:
+        updates: optax.Updates,
+        state: StepState,
+        params: optax.Params | None = None,
+        *,
+        partition_specs: object = None,
+        **extra_args: object,
+    ) -> tuple[optax.Updates, StepState]:
         del extra_args
         check_state(state, state_type)
         # Schedules are evaluated here, as optax does, so that an eager call evaluates them
@@ -516,7 +498,11 @@ def transformation(plan: Plan, state_type: type) -> tuple[Callable[..., Any], Ca
         params = None if plan.descent is None else params  # scale_by_rms ignores them (they may not even be arrays)
         decay = plan.moment.decay
         decay_t = decay(state.count) if callable(decay) else None
-        specs = None if partition_specs is None else _partition_specs(partition_specs, _storage.values_of(state.nu))
+        specs = (
+            None
+            if partition_specs is None
+            else _stochastic_rounding.per_leaf_specs(partition_specs, _storage.values_of(state.nu))
+        )
         return step_fn(updates, state, params, lr_t, decay_t, specs=specs)
 
     CONFIGS[update_fn] = plan
@@ -527,7 +513,7 @@ def transformation(plan: Plan, state_type: type) -> tuple[Callable[..., Any], Ca
 CONFIGS: "weakref.WeakKeyDictionary[Callable[..., Any], Plan]" = weakref.WeakKeyDictionary()
 
 
-def check_state(state: Any, state_type: type) -> None:
+def check_state(state: object, state_type: type) -> None:
     """Raises TypeError unless ``state`` is a ``state_type``, saying what came instead."""
     if isinstance(state, state_type):
         return

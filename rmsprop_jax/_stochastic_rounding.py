@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.sharding import PartitionSpec
 
 from rmsprop_jax import _kernel
 
@@ -192,3 +194,42 @@ def _round_generic(x: jax.Array, dtype: np.dtype, bits: jax.Array) -> jax.Array:
     y = _kernel.where(u < frac, hi, lo)
     y = _kernel.where(n_wide == x, nearest, y)  # exactly representable (also 0, inf): unchanged
     return _kernel.where(jnp.isnan(x), nearest, y)
+
+
+def layout(spec: PartitionSpec | None, ndim: int, manual: tuple[str, ...], where: str) -> Layout | None:
+    """One leaf's PartitionSpec as a Layout over the manual axes (None: the shard is the whole array).
+
+    ``where`` names the spec in errors (``partition_specs['w']``).
+    """
+    entries = () if spec is None else tuple(spec)
+    if len(entries) > ndim:
+        raise ValueError(f"{where} is {spec}, {len(entries)} entries for a parameter with {ndim} dimensions.")
+    lay = []
+    for e in (*entries, *(None,) * (ndim - len(entries))):
+        names = () if e is None else (e,) if isinstance(e, str) else e
+        if not isinstance(names, tuple) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{where} is {spec}: each entry must be None, a mesh axis name or a tuple of them.")
+        lay.append(tuple(n for n in names if n in manual))  # auto axes are not split inside shard_map
+    return tuple(lay) if any(lay) else None
+
+
+def per_leaf_specs(partition_specs: object, values: optax.Params) -> tuple[PartitionSpec | None, ...]:
+    """One PartitionSpec (or None) per leaf of ``values``, from a tree like the parameters or a prefix of it."""
+    per_leaf: list[PartitionSpec | None] = []
+
+    def is_spec(x: object) -> bool:
+        return x is None or isinstance(x, PartitionSpec)
+
+    def expand(spec: PartitionSpec | None, subtree: optax.Params) -> None:
+        if not is_spec(spec):
+            raise TypeError(f"partition_specs holds {spec!r}; its leaves must be PartitionSpecs (or None).")
+        per_leaf.extend([spec] * jax.tree.structure(subtree).num_leaves)
+
+    try:
+        jax.tree.map(expand, partition_specs, values, is_leaf=is_spec)
+    except ValueError as e:
+        raise ValueError(
+            "partition_specs must be a tree of PartitionSpecs like the parameters (or a prefix of it, such as one "
+            f"PartitionSpec for all): {e}"
+        ) from None
+    return tuple(per_leaf)

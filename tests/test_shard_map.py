@@ -257,3 +257,48 @@ def setup_and_update_with(opt: optax.GradientTransformationExtraArgs, partition_
 
     step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(), out_specs=P()))
     step(make_grads(params, 0), opt.init(params), params)
+
+
+def test_param_rounding_stochastic_equals_jit_bitwise():
+    # bfloat16 parameters split by rows over 8 devices: each shard draws the random bits jit draws
+    # for the same elements (their index in the whole array), so the rounded parameters agree bit for bit.
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    specs = {"w": P("data"), "b": P()}
+    rng = np.random.default_rng(1)
+    host = {"w": rng.normal(size=(64, 16)), "b": rng.normal(size=(16,))}
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    params = jax.device_put({k: jnp.asarray(v, jnp.bfloat16) for k, v in host.items()}, shardings)
+    opt = optax.chain(rmsprop_jax.rmsprop(1e-2), rmsprop_jax.param_rounding("stochastic", seed=3))
+    with jax.set_mesh(mesh):
+        state = jax.jit(opt.init)(params)
+    state_specs = jax.tree.map(spec_of, state)
+
+    def sharded(g, s, p):
+        u, s = opt.update(g, s, p, partition_specs=specs)
+        return optax.apply_updates(p, u), s
+
+    def plain(g, s, p):
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    run_sm = jax.jit(
+        jax.shard_map(sharded, mesh=mesh, in_specs=(specs, state_specs, specs), out_specs=(specs, state_specs))
+    )
+    sm = jit = (params, state)
+    with jax.set_mesh(mesh):
+        for _ in range(3):
+            g = jax.device_put(
+                {k: jnp.asarray(rng.normal(size=v.shape), jnp.bfloat16) for k, v in host.items()}, shardings
+            )
+            sm = run_sm(g, sm[1], sm[0])
+            jit = jax.jit(plain)(g, jit[1], jit[0])
+    assert_bitwise(sm, jit)
+    # The same step without partition_specs: each shard would draw the bits of the shard-local index.
+    unspecified = jax.shard_map(
+        lambda g, s, p: opt.update(g, s, p),
+        mesh=mesh,
+        in_specs=(specs, state_specs, specs),
+        out_specs=(specs, state_specs),
+    )
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"param_rounding\('stochastic'\) draws each element"):
+        jax.jit(unspecified)(g, state, params)
