@@ -7,7 +7,6 @@ import itertools
 from collections.abc import Callable, Iterator
 from typing import NamedTuple, cast
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,13 +79,13 @@ class EpochLog(NamedTuple):
 
     batch_loss: jax.Array
     test_accuracy: jax.Array
-    diagnostics: chex.ArrayTree | None  # what ``diagnose(state)`` returned after each step, or None
+    diagnostics: optax.Updates | None  # what ``diagnose(state)`` returned after each step, or None
 
 
 def make_epoch(
     opt: optax.GradientTransformation,
     data: Split,
-    diagnose: Callable[[optax.OptState], chex.ArrayTree] | None = None,
+    diagnose: Callable[[optax.OptState], optax.Updates] | None = None,
 ) -> Callable[[MLP, optax.OptState, jax.Array], tuple[MLP, optax.OptState, EpochLog]]:
     """A jitted epoch: ``lax.scan`` of training steps over a ``(steps, batch)`` index array.
 
@@ -119,20 +118,18 @@ class SweepLog(NamedTuple):
     batch_loss: jax.Array  # (seeds, rates, steps)
     test_accuracy: jax.Array  # (seeds, rates, steps), after each step
     final: dict[str, jax.Array]  # train/test loss and accuracy on the full sets, (seeds, rates) each
-    diagnostics: (
-        chex.ArrayTree | None
-    )  # what ``diagnose(state, opt)`` returned after each step, (seeds, rates, steps, ...), or None
-    inspection: (
-        chex.ArrayTree | None
-    )  # what ``inspect(state, opt)`` returned for the final state, (seeds, rates, ...), or None
+    # what ``diagnose(state, opt)`` returned after each step, (seeds, rates, steps, ...), or None
+    diagnostics: optax.Updates | None
+    # what ``inspect(state, opt)`` returned for the final state, (seeds, rates, ...), or None
+    inspection: optax.Updates | None
 
 
 def make_sweep(
     make: Callable[[jax.Array], optax.GradientTransformation],
     data: Split,
-    diagnose: Callable[[optax.OptState, optax.GradientTransformation], chex.ArrayTree] | None = None,
+    diagnose: Callable[[optax.OptState, optax.GradientTransformation], optax.Updates] | None = None,
     on_epoch: Callable[[jax.Array, jax.Array], None] | None = None,
-    inspect: Callable[[optax.OptState, optax.GradientTransformation], chex.ArrayTree] | None = None,
+    inspect: Callable[[optax.OptState, optax.GradientTransformation], optax.Updates] | None = None,
 ) -> Callable[[jax.Array, MLP, jax.Array], SweepLog]:
     """A learning-rate sweep over several seeds as one jitted call: ``jax.vmap`` of whole training runs.
 
