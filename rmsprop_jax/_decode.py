@@ -38,7 +38,7 @@ def decode_buffer(buffer: Buffer, field: optax.Updates | StoredBuffer) -> optax.
     return jax.tree.map(lambda v, a: decode_leaf(buffer, Leaf(v, a)), field.values, field.aux)
 
 
-def decode_state(state: optax.OptState) -> Any:
+def decode_state(state: object) -> Any:
     r"""The optimizer state with ``S``, ``m`` and the momentum buffer as plain float trees.
 
     Every :class:`~rmsprop_jax.RmspropState` and :class:`~rmsprop_jax.ScaleByRmsState` in

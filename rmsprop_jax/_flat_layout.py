@@ -50,7 +50,7 @@ class FlatLayout:
     def keys(self) -> tuple[str, ...]:
         return tuple(k for k, _ in self.sizes)
 
-    def flatten(self, tree: optax.Params, name: str = "tree") -> dict[str, jax.Array]:
+    def flatten(self, tree: object, name: str = "tree") -> dict[str, jax.Array]:
         """Packs ``tree`` (with this layout's structure, shapes and dtypes) into buffers."""
         leaves = _leaves_like(tree, self.treedef, name)
         for slot, leaf in zip(self.slots, leaves, strict=True):
@@ -79,7 +79,7 @@ class FlatLayout:
         leaves = [jax.lax.slice_in_dim(flat[s.key], s.offset, s.offset + s.size).reshape(s.shape) for s in self.slots]
         return jax.tree.unflatten(self.treedef, leaves)
 
-    def concatenate(self, tree: optax.Params) -> dict[str, jax.Array]:
+    def concatenate(self, tree: object) -> dict[str, jax.Array]:
         """The inverse of :meth:`views` for traced values: one concatenate per dtype."""
         parts: dict[str, list[jax.Array]] = {k: [] for k in self.keys}
         for slot, leaf in zip(self.slots, jax.tree.leaves(tree), strict=True):
@@ -108,7 +108,7 @@ class FlatLayout:
             )
 
 
-def _leaves_like(tree: optax.Params, treedef: Any, name: str) -> list[ArrayLike]:
+def _leaves_like(tree: object, treedef: Any, name: str) -> list[ArrayLike]:
     leaves, got = jax.tree.flatten(tree)
     if got != treedef:
         raise ValueError(f"{name} has tree structure {got}; the layout was built from {treedef}.")
@@ -130,7 +130,7 @@ def _concat(parts: list[jax.Array], key: str) -> jax.Array:
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
-def layout_of(params: optax.Params) -> FlatLayout:
+def layout_of(params: object) -> FlatLayout:
     """The :class:`FlatLayout` of ``params`` (arrays or ``jax.ShapeDtypeStruct``)."""
     leaves, treedef = jax.tree.flatten(params)
     offsets: dict[str, int] = {}
@@ -145,7 +145,7 @@ def layout_of(params: optax.Params) -> FlatLayout:
     return FlatLayout(treedef, tuple(slots), tuple(sorted(offsets.items())))
 
 
-def flatten_params(params: optax.Params) -> tuple[dict[str, jax.Array], Callable[[dict[str, jax.Array]], optax.Params]]:
+def flatten_params(params: object) -> tuple[dict[str, jax.Array], Callable[[dict[str, jax.Array]], Any]]:
     r"""Packs a parameter tree into one 1-D buffer per dtype, for flat mode.
 
     Returns ``(flat, unflatten)``: ``flat`` maps each dtype name (``"float32"``, ...)

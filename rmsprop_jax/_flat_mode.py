@@ -86,18 +86,18 @@ class FlatState:
         return {k: jnp.real(b) if k in packed else b for k, b in self.buffers.items()}
 
     @property
-    def opt_state(self) -> optax.OptState:
+    def opt_state(self) -> Any:
         """The optimizer state, as ``optimizer.init(self.params)`` built it (``S`` unpacked)."""
         leaves = list(self.rest)
         for key, index in self.layout.packed:
             leaves[index] = jnp.imag(self.buffers[key])
         return jax.tree.unflatten(self.layout.state_treedef, leaves)
 
-    def unflatten(self, flat: dict[str, jax.Array]) -> optax.Params:
+    def unflatten(self, flat: dict[str, jax.Array]) -> Any:
         """The parameter tree whose leaves are views of ``flat`` (call it inside the loss)."""
         return self.layout.params(flat)
 
-    def to_tree(self) -> optax.Params:
+    def to_tree(self) -> Any:
         """The parameters as the original tree."""
         return self.unflatten(self.params)
 

@@ -33,7 +33,7 @@ def _uses(entry: object, axis: str) -> bool:
     return entry == axis or (isinstance(entry, tuple) and axis in entry)
 
 
-def zero1_shardings(state: optax.OptState, mesh: Mesh, axis: str) -> Any:
+def zero1_shardings(state: object, mesh: Mesh, axis: str) -> Any:
     """Shardings that split every optimizer-state array over the mesh axis ``axis``.
 
     ZeRO-1 style optimizer-state sharding: the parameters stay replicated over the data
