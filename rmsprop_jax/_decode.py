@@ -1,5 +1,7 @@
 """Reading an optimizer state back as plain float trees, whatever the storage."""
 
+from __future__ import annotations
+
 from typing import Any
 
 import jax
@@ -27,7 +29,7 @@ def decode_leaf(buffer: Buffer, leaf: Leaf) -> jax.Array:
     return _codecs.read(buffer, leaf)
 
 
-def decode_buffer(buffer: Buffer, field: Any) -> Any:
+def decode_buffer(buffer: Buffer, field: optax.Updates | StoredBuffer) -> optax.Updates:
     """A buffer field as a plain tree like the parameters."""
     if not isinstance(field, StoredBuffer):
         return field
@@ -36,7 +38,7 @@ def decode_buffer(buffer: Buffer, field: Any) -> Any:
     return jax.tree.map(lambda v, a: decode_leaf(buffer, Leaf(v, a)), field.values, field.aux)
 
 
-def decode_state(state: Any) -> Any:
+def decode_state(state: object) -> Any:
     r"""The optimizer state with ``S``, ``m`` and the momentum buffer as plain float trees.
 
     Every :class:`~rmsprop_jax.RmspropState` and :class:`~rmsprop_jax.ScaleByRmsState` in
@@ -68,7 +70,7 @@ def decode_state(state: Any) -> Any:
     def is_state(x: Any) -> bool:
         return hasattr(x, "_fields") and "nu" in x._fields and "count" in x._fields
 
-    def decode(x: Any) -> Any:
+    def decode(x: Any) -> object:
         if not is_state(x):
             return x
         fields = {f: decode_buffer(b, getattr(x, f)) for f, b in _FIELDS.items() if f in x._fields}

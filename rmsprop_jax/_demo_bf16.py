@@ -13,7 +13,7 @@ count every array of the trained parameters and optimizer state. (The fuller stu
 more state formats and a second problem, is ``benchmarks/bf16_training.py``.)
 """
 
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ DECAY = 0.99
 PEAK_LR = 3e-3
 
 
-def loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+def loss(params: _digits.MLP, x: jax.Array, y: jax.Array) -> jax.Array:
     """The MLP's loss computed in float32; the gradients come back in the parameters' dtype."""
     return _digits.loss(jax.tree.map(lambda p: p.astype(jnp.float32), params), x, y)
 
@@ -44,8 +44,8 @@ class Trained(NamedTuple):
     name: str
     final_loss: np.ndarray  # (seeds,): loss on the whole training set after the last step
     bytes_per_param: float  # all arrays of the parameters and optimizer state / number of parameters
-    params: Any  # the trained parameters, stacked per seed
-    state: Any  # the trained optimizer state, stacked per seed
+    params: _digits.MLP  # the trained parameters, stacked per seed
+    state: optax.OptState  # the trained optimizer state, stacked per seed
 
 
 def cosine(steps: int) -> optax.Schedule:
@@ -58,7 +58,7 @@ def cosine(steps: int) -> optax.Schedule:
     return schedule
 
 
-def optimizer(name: str, steps: int) -> tuple[Any, optax.GradientTransformation]:
+def optimizer(name: str, steps: int) -> tuple[jax.typing.DTypeLike, optax.GradientTransformation]:
     """``(parameter dtype, optimizer)`` of a configuration of :data:`CONFIGS`."""
     import rmsprop_jax
 
@@ -72,20 +72,22 @@ def optimizer(name: str, steps: int) -> tuple[Any, optax.GradientTransformation]
     return jnp.bfloat16, opt
 
 
-def train(name: str, data: _digits.Split, params0: Any, idx: np.ndarray) -> Trained:
+def train(name: str, data: _digits.Split, params0: _digits.MLP, idx: np.ndarray) -> Trained:
     """Trains one configuration from every seed's weights (``params0``, stacked per seed) on its
     batches (``idx``, ``(seeds, steps, batch)``), one vmapped, jitted call."""
     dtype, opt = optimizer(name, idx.shape[1])
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
 
-    def one(params: Any, idx: jax.Array) -> tuple[Any, Any, jax.Array]:
+    def one(params: _digits.MLP, idx: jax.Array) -> tuple[_digits.MLP, optax.OptState, jax.Array]:
         params = jax.tree.map(lambda p: p.astype(dtype), params)
 
-        def step(carry: tuple[Any, Any], i: jax.Array) -> tuple[tuple[Any, Any], None]:
+        def step(
+            carry: tuple[_digits.MLP, optax.OptState], i: jax.Array
+        ) -> tuple[tuple[_digits.MLP, optax.OptState], None]:
             params, state = carry
             grads = jax.grad(loss)(params, x[i], y[i])
             updates, state = opt.update(grads, state, params)
-            return (cast(Any, optax.apply_updates(params, updates)), state), None
+            return (cast(_digits.MLP, optax.apply_updates(params, updates)), state), None
 
         (params, state), _ = jax.lax.scan(step, (params, opt.init(params)), idx)
         return params, state, loss(params, x, y)

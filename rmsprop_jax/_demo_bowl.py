@@ -6,12 +6,16 @@ along ``W``; RMSprop divides each coordinate's step by the root of its own squar
 gradients, so both move at a similar pace.
 """
 
-from typing import Any, cast
+from typing import TYPE_CHECKING, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 START = (-5.0, -2.0)
@@ -39,7 +43,9 @@ def trajectory(opt: optax.GradientTransformation, steps: int = 20, start: tuple[
 
     @jax.jit
     def run(p0: jax.Array) -> jax.Array:
-        def step(carry: tuple[jax.Array, Any], _: None) -> tuple[tuple[jax.Array, Any], jax.Array]:
+        def step(
+            carry: tuple[jax.Array, optax.OptState], _: None
+        ) -> tuple[tuple[jax.Array, optax.OptState], jax.Array]:
             p, state = carry
             updates, state = opt.update(jax.grad(bowl)(p), state, p)
             p = cast(jax.Array, optax.apply_updates(p, updates))
@@ -51,7 +57,7 @@ def trajectory(opt: optax.GradientTransformation, steps: int = 20, start: tuple[
     return np.asarray(run(jnp.asarray(start, jnp.float32)))
 
 
-def plot(ax: Any, paths: dict[str, np.ndarray]) -> None:
+def plot(ax: "Axes", paths: dict[str, np.ndarray]) -> None:
     """Contours of the bowl and one polyline per trajectory on a matplotlib ``Axes``."""
     w, b = np.meshgrid(np.linspace(-5.5, 1.5, 200), np.linspace(-3.0, 3.0, 200))
     ax.contour(w, b, 0.1 * w**2 + 2 * b**2, levels=np.geomspace(0.02, 20, 12), colors="0.75", linewidths=0.8)

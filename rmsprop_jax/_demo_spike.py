@@ -51,7 +51,7 @@ def spiked_weight(data: _digits.Split) -> tuple[int, int]:
     return int(np.argmax(data.x_train.std(axis=0))), 0
 
 
-def _nu(state: Any) -> Any:
+def _nu(state: optax.OptState) -> _digits.MLP:
     """The ``nu`` (S) tree of the one RMSprop state inside ``state`` (optax's or rmsprop_jax's)."""
     found = []
 
@@ -66,15 +66,17 @@ def _nu(state: Any) -> Any:
 
 
 def run(
-    name: str, opt: optax.GradientTransformation, data: _digits.Split, params0: Any, idx: np.ndarray, steps: int
+    name: str, opt: optax.GradientTransformation, data: _digits.Split, params0: _digits.MLP, idx: np.ndarray, steps: int
 ) -> Spiked:
     """``steps`` steps of ``opt`` per seed (``params0`` stacked per seed, ``idx`` of shape
     ``(seeds, steps, batch)``), without and with the spike at :data:`SPIKE_STEP`."""
     x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     pixel, unit = spiked_weight(data)
 
-    def train(spike: jax.Array, params: Any, idx: jax.Array) -> tuple[jax.Array, ...]:
-        def step(carry: tuple[Any, Any], xs: tuple[jax.Array, jax.Array]) -> tuple[tuple[Any, Any], Any]:
+    def train(spike: jax.Array, params: _digits.MLP, idx: jax.Array) -> tuple[jax.Array, ...]:
+        def step(
+            carry: tuple[_digits.MLP, optax.OptState], xs: tuple[jax.Array, jax.Array]
+        ) -> tuple[tuple[_digits.MLP, optax.OptState], tuple[jax.Array, jax.Array, jax.Array]]:
             params, state = carry
             t, i = xs
             grads = jax.grad(_digits.loss)(params, x[i], y[i])
@@ -82,8 +84,8 @@ def run(
             g = jnp.where(spike & (t == SPIKE_STEP), jnp.float32(SPIKE), g)
             grads[0]["w"] = grads[0]["w"].at[pixel, unit].set(g)
             updates, state = opt.update(grads, state, params)
-            params = cast(list[dict[str, jax.Array]], optax.apply_updates(params, updates))
-            u = cast(list[dict[str, jax.Array]], updates)[0]["w"][pixel, unit]
+            params = cast(_digits.MLP, optax.apply_updates(params, updates))
+            u = cast(_digits.MLP, updates)[0]["w"][pixel, unit]
             return (params, state), (u, g, _nu(state)[0]["w"][pixel, unit])
 
         (params, _), (u, g, s) = jax.lax.scan(step, (params, opt.init(params)), (jnp.arange(steps), idx))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import jax.typing
 import numpy as np
 import optax
+from jax.typing import ArrayLike, DTypeLike
 
 from rmsprop_jax import _decode, _dtypes, _kernel, _step, _validation
 from rmsprop_jax._alias import RmspropState
@@ -39,11 +41,13 @@ class EffectiveLearningRate(NamedTuple):
     max: optax.Updates
 
 
-def _is_rms_state(x: Any) -> bool:
+def _is_rms_state(x: object) -> bool:
     return isinstance(x, _RMS_STATES)
 
 
-def _find_rms_state(state: Any, state_type: type) -> RmspropState | ScaleByRmsState:
+def _find_rms_state(
+    state: optax.OptState, state_type: type[RmspropState] | type[ScaleByRmsState]
+) -> RmspropState | ScaleByRmsState:
     """The single ``state_type`` inside ``state``, or raises."""
     flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_rms_state)
     found = [(path, node) for path, node in flat if _is_rms_state(node)]
@@ -67,7 +71,7 @@ def _find_rms_state(state: Any, state_type: type) -> RmspropState | ScaleByRmsSt
     return mine[0][1]
 
 
-def _injected_hyperparams(state: Any) -> dict[str, Any]:
+def _injected_hyperparams(state: optax.OptState) -> dict[str, ArrayLike]:
     """The ``hyperparams`` of the single ``optax.inject_hyperparams`` state inside ``state``."""
     kinds = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
     found = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds)) if isinstance(x, kinds)]
@@ -79,7 +83,7 @@ def _injected_hyperparams(state: Any) -> dict[str, Any]:
     return dict(found[0].hyperparams)
 
 
-def _config_of(optimizer: Any, state: Any) -> Plan:
+def _config_of(optimizer: object, state: optax.OptState) -> Plan:
     """The options of ``optimizer`` (one of ours, or ``optax.inject_hyperparams`` of one) that made ``state``."""
     update = getattr(optimizer, "update", None)
     cfg = _step.CONFIGS.get(update) if callable(update) else None
@@ -107,7 +111,7 @@ def _order_keys(x: jax.Array) -> jax.Array:
     return jnp.where((u & sign) != 0, ~u, u | sign)
 
 
-def _from_order_key(key: jax.Array, dtype: Any) -> jax.Array:
+def _from_order_key(key: jax.Array, dtype: DTypeLike) -> jax.Array:
     bits = np.dtype(dtype).itemsize * 8
     sign = jnp.asarray(1, key.dtype) << jnp.asarray(bits - 1, key.dtype)
     return jax.lax.bitcast_convert_type(jnp.where((key & sign) != 0, key & ~sign, ~key), dtype)
@@ -160,12 +164,14 @@ def _medians(leaves: list[jax.Array]) -> list[jax.Array]:
             # The (n/2 - 1)-th smallest: the largest element below `upper`, or `upper` when repeated.
             below = flat < upper
             largest_below = jnp.max(jnp.where(below, flat, jnp.full_like(flat, -jnp.inf)))
-            median = (jnp.where(jnp.sum(below) >= n // 2, largest_below, upper) + upper) / 2
+            lower = jnp.where(jnp.sum(below) >= n // 2, largest_below, upper)
+            total = lower + upper  # halved after the sum, as NumPy does; halved first where the sum overflows
+            median = jnp.where(jnp.isfinite(total), total / 2, lower / 2 + upper / 2)
         out.append(jnp.where(jnp.any(jnp.isnan(flat)), jnp.full_like(median, jnp.nan), median))
     return out
 
 
-def _leaf_stat(fn: Any, rate: jax.Array) -> jax.Array:
+def _leaf_stat(fn: Callable[[jax.Array], jax.Array], rate: jax.Array) -> jax.Array:
     """``fn(rate)`` over the whole leaf; NaN for an empty leaf (min/max of nothing is undefined)."""
     if rate.size == 0:
         return jnp.full((), jnp.nan, rate.dtype)
@@ -271,7 +277,14 @@ def effective_learning_rate(
 
 @functools.partial(jax.jit, static_argnums=(6, 7))
 def _rates(
-    nu: Any, mu: Any, count: jax.Array, lr: Any, decay: Any, eps: Any, eps_in_sqrt: bool, bias_correction: bool
+    nu: optax.Updates,
+    mu: optax.Updates | None,
+    count: jax.Array,
+    lr: ArrayLike,
+    decay: ArrayLike,
+    eps: ArrayLike,
+    eps_in_sqrt: bool,
+    bias_correction: bool,
 ) -> EffectiveLearningRate:
     """The computation, compiled once per tree structure and configuration (inlined under an outer jit)."""
 

@@ -5,12 +5,16 @@ The 1797 8x8 images ship inside scikit-learn, so everything runs offline.
 
 import itertools
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import DTypeLike
+
+
+MLP = list[dict[str, jax.Array]]  # one {"w", "b"} dict per layer
 
 
 class Split(NamedTuple):
@@ -33,9 +37,7 @@ def load(seed: int = 0, test_fraction: float = 0.2) -> Split:
     return Split((x_train - mean) / std, y[n_test:], (x_test - mean) / std, y[:n_test])
 
 
-def init_mlp(
-    key: jax.Array, sizes: tuple[int, ...] = (64, 64, 10), dtype: Any = jnp.float32
-) -> list[dict[str, jax.Array]]:
+def init_mlp(key: jax.Array, sizes: tuple[int, ...] = (64, 64, 10), dtype: DTypeLike = jnp.float32) -> MLP:
     """Glorot-uniform weights and zero biases, one dict per layer."""
     params = []
     keys = jax.random.split(key, len(sizes) - 1)
@@ -46,17 +48,17 @@ def init_mlp(
     return params
 
 
-def logits(params: list[dict[str, jax.Array]], x: jax.Array) -> jax.Array:
+def logits(params: MLP, x: jax.Array) -> jax.Array:
     for layer in params[:-1]:
         x = jnp.tanh(x @ layer["w"] + layer["b"][None, :])
     return x @ params[-1]["w"] + params[-1]["b"][None, :]
 
 
-def loss(params: list[dict[str, jax.Array]], x: jax.Array, y: jax.Array) -> jax.Array:
+def loss(params: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits(params, x), y).mean()
 
 
-def accuracy(params: list[dict[str, jax.Array]], x: jax.Array, y: jax.Array) -> jax.Array:
+def accuracy(params: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.mean(jnp.argmax(logits(params, x), axis=-1) == y)
 
 
@@ -77,10 +79,14 @@ class EpochLog(NamedTuple):
 
     batch_loss: jax.Array
     test_accuracy: jax.Array
-    diagnostics: Any  # what ``diagnose(state)`` returned after each step, or None
+    diagnostics: optax.Updates | None  # what ``diagnose(state)`` returned after each step, or None
 
 
-def make_epoch(opt: optax.GradientTransformation, data: Split, diagnose: Any = None) -> Any:
+def make_epoch(
+    opt: optax.GradientTransformation,
+    data: Split,
+    diagnose: Callable[[optax.OptState], optax.Updates] | None = None,
+) -> Callable[[MLP, optax.OptState, jax.Array], tuple[MLP, optax.OptState, EpochLog]]:
     """A jitted epoch: ``lax.scan`` of training steps over a ``(steps, batch)`` index array.
 
     Returns ``epoch(params, state, idx) -> (params, state, EpochLog)``. The test
@@ -91,15 +97,15 @@ def make_epoch(opt: optax.GradientTransformation, data: Split, diagnose: Any = N
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
 
-    def step(carry: tuple[Any, Any], idx: jax.Array) -> tuple[tuple[Any, Any], EpochLog]:
+    def step(carry: tuple[MLP, optax.OptState], idx: jax.Array) -> tuple[tuple[MLP, optax.OptState], EpochLog]:
         params, state = carry
         value, grads = jax.value_and_grad(loss)(params, x_train[idx], y_train[idx])
         updates, state = opt.update(grads, state, params)
-        params = cast(list[dict[str, jax.Array]], optax.apply_updates(params, updates))
+        params = cast(MLP, optax.apply_updates(params, updates))
         diag = None if diagnose is None else diagnose(state)
         return (params, state), EpochLog(value, accuracy(params, x_test, y_test), diag)
 
-    def epoch(params: Any, state: Any, idx: jax.Array) -> tuple[Any, Any, EpochLog]:
+    def epoch(params: MLP, state: optax.OptState, idx: jax.Array) -> tuple[MLP, optax.OptState, EpochLog]:
         (params, state), log = jax.lax.scan(step, (params, state), idx)
         return params, state, log
 
@@ -112,17 +118,19 @@ class SweepLog(NamedTuple):
     batch_loss: jax.Array  # (seeds, rates, steps)
     test_accuracy: jax.Array  # (seeds, rates, steps), after each step
     final: dict[str, jax.Array]  # train/test loss and accuracy on the full sets, (seeds, rates) each
-    diagnostics: Any  # what ``diagnose(state, opt)`` returned after each step, (seeds, rates, steps, ...), or None
-    inspection: Any  # what ``inspect(state, opt)`` returned for the final state, (seeds, rates, ...), or None
+    # what ``diagnose(state, opt)`` returned after each step, (seeds, rates, steps, ...), or None
+    diagnostics: optax.Updates | None
+    # what ``inspect(state, opt)`` returned for the final state, (seeds, rates, ...), or None
+    inspection: optax.Updates | None
 
 
 def make_sweep(
     make: Callable[[jax.Array], optax.GradientTransformation],
     data: Split,
-    diagnose: Callable[[Any, optax.GradientTransformation], Any] | None = None,
+    diagnose: Callable[[optax.OptState, optax.GradientTransformation], optax.Updates] | None = None,
     on_epoch: Callable[[jax.Array, jax.Array], None] | None = None,
-    inspect: Callable[[Any, optax.GradientTransformation], Any] | None = None,
-) -> Any:
+    inspect: Callable[[optax.OptState, optax.GradientTransformation], optax.Updates] | None = None,
+) -> Callable[[jax.Array, MLP, jax.Array], SweepLog]:
     """A learning-rate sweep over several seeds as one jitted call: ``jax.vmap`` of whole training runs.
 
     Returns ``sweep(learning_rates, params0, idx) -> SweepLog`` with leading axes
@@ -138,18 +146,20 @@ def make_sweep(
     x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
     x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
 
-    def train(lr: jax.Array, params0: Any, idx: jax.Array) -> SweepLog:
+    def train(lr: jax.Array, params0: MLP, idx: jax.Array) -> SweepLog:
         opt = make(lr)
 
-        def step(carry: tuple[Any, Any], i: jax.Array) -> tuple[tuple[Any, Any], EpochLog]:
+        def step(carry: tuple[MLP, optax.OptState], i: jax.Array) -> tuple[tuple[MLP, optax.OptState], EpochLog]:
             params, state = carry
             value, grads = jax.value_and_grad(loss)(params, x_train[i], y_train[i])
             updates, state = opt.update(grads, state, params)
-            params = cast(list[dict[str, jax.Array]], optax.apply_updates(params, updates))
+            params = cast(MLP, optax.apply_updates(params, updates))
             diag = None if diagnose is None else diagnose(state, opt)
             return (params, state), EpochLog(value, accuracy(params, x_test, y_test), diag)
 
-        def epoch(carry: tuple[Any, Any], xs: tuple[jax.Array, jax.Array]) -> tuple[tuple[Any, Any], EpochLog]:
+        def epoch(
+            carry: tuple[MLP, optax.OptState], xs: tuple[jax.Array, jax.Array]
+        ) -> tuple[tuple[MLP, optax.OptState], EpochLog]:
             carry, log = jax.lax.scan(step, carry, xs[1])
             if on_epoch is not None:
                 # The accuracy makes the callback wait for the epoch's steps.

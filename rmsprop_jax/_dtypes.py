@@ -1,17 +1,16 @@
 """Dtype policy: which dtype the state is stored in and which the math runs in."""
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 
 _HALF_FLOATS = (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
 _FLOAT_STATE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
-def canonical_state_dtype(state_dtype: Any) -> np.dtype | None:
+def canonical_state_dtype(state_dtype: DTypeLike | None) -> np.dtype | None:
     """Returns ``state_dtype`` as a NumPy dtype, or raises a ValueError."""
     if state_dtype is None:
         return None
@@ -28,7 +27,7 @@ def canonical_state_dtype(state_dtype: Any) -> np.dtype | None:
     return dtype
 
 
-def real_dtype(dtype: Any) -> np.dtype:
+def real_dtype(dtype: DTypeLike) -> np.dtype:
     """The real dtype of the same precision: complex64 -> float32."""
     dtype = np.dtype(dtype)
     if dtype.kind == "c":
@@ -45,7 +44,7 @@ def complex_dtype(dtype: np.dtype) -> np.dtype:
     raise TypeError(f"there is no complex dtype with {dtype.name} parts")
 
 
-def nu_dtype(param_dtype: Any, state_dtype: np.dtype | None) -> np.dtype:
+def nu_dtype(param_dtype: DTypeLike, state_dtype: np.dtype | None) -> np.dtype:
     """The dtype of ``nu`` (real) for one leaf; see :func:`state_dtypes`."""
     param_real = real_dtype(param_dtype)
     if state_dtype is None:
@@ -53,7 +52,7 @@ def nu_dtype(param_dtype: Any, state_dtype: np.dtype | None) -> np.dtype:
     return state_dtype
 
 
-def state_dtypes(param_dtype: Any, state_dtype: np.dtype | None) -> tuple[np.dtype, np.dtype]:
+def state_dtypes(param_dtype: DTypeLike, state_dtype: np.dtype | None) -> tuple[np.dtype, np.dtype]:
     """Dtypes of ``nu`` and of the signed buffers (``mu``, ``trace``) for one leaf.
 
     ``nu`` is always real (it holds |g|^2). The signed buffers are complex when the
@@ -73,7 +72,7 @@ def state_dtypes(param_dtype: Any, state_dtype: np.dtype | None) -> tuple[np.dty
     return real, complex_dtype(real)
 
 
-def compute_dtype(*dtypes: Any) -> np.dtype:
+def compute_dtype(*dtypes: DTypeLike) -> np.dtype:
     """The real dtype the update is computed in: float64 if any input is, else float32."""
     if any(real_dtype(d) == np.float64 for d in dtypes):
         return np.dtype(np.float64)
@@ -87,5 +86,5 @@ def as_compute(x: jax.Array, real: np.dtype) -> jax.Array:
     return x.astype(target)
 
 
-def is_float_dtype(dtype: Any) -> bool:
+def is_float_dtype(dtype: DTypeLike) -> bool:
     return jnp.issubdtype(dtype, jnp.inexact)

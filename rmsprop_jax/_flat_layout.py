@@ -7,6 +7,8 @@ its leaves as views (static slices and reshapes) of the flat buffers inside the 
 so ``jax.grad`` of the loss with respect to the flat buffers returns flat gradients.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import math
 from collections.abc import Callable
@@ -15,6 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.typing import ArrayLike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +50,7 @@ class FlatLayout:
     def keys(self) -> tuple[str, ...]:
         return tuple(k for k, _ in self.sizes)
 
-    def flatten(self, tree: Any, name: str = "tree") -> dict[str, jax.Array]:
+    def flatten(self, tree: object, name: str = "tree") -> dict[str, jax.Array]:
         """Packs ``tree`` (with this layout's structure, shapes and dtypes) into buffers."""
         leaves = _leaves_like(tree, self.treedef, name)
         for slot, leaf in zip(self.slots, leaves, strict=True):
@@ -66,23 +70,23 @@ class FlatLayout:
         device = _common_device(leaves)
         return {k: jax.device_put(np.concatenate(v) if v else np.zeros((0,), k), device) for k, v in host.items()}
 
-    def __call__(self, flat: dict[str, jax.Array]) -> Any:
+    def __call__(self, flat: dict[str, jax.Array]) -> optax.Params:
         self.check(flat, "flat")
         return self.views(flat)
 
-    def views(self, flat: dict[str, jax.Array]) -> Any:
+    def views(self, flat: dict[str, jax.Array]) -> optax.Params:
         """The tree of static slices of ``flat`` (unchecked; XLA turns them into bitcasts)."""
         leaves = [jax.lax.slice_in_dim(flat[s.key], s.offset, s.offset + s.size).reshape(s.shape) for s in self.slots]
         return jax.tree.unflatten(self.treedef, leaves)
 
-    def concatenate(self, tree: Any) -> dict[str, jax.Array]:
+    def concatenate(self, tree: object) -> dict[str, jax.Array]:
         """The inverse of :meth:`views` for traced values: one concatenate per dtype."""
-        parts: dict[str, list[Any]] = {k: [] for k in self.keys}
+        parts: dict[str, list[jax.Array]] = {k: [] for k in self.keys}
         for slot, leaf in zip(self.slots, jax.tree.leaves(tree), strict=True):
             parts[slot.key].append(jnp.reshape(leaf, -1).astype(slot.key))
         return {k: _concat(v, k) for k, v in parts.items()}
 
-    def check(self, flat: Any, name: str) -> None:
+    def check(self, flat: object, name: str) -> None:
         """Raises a ValueError unless ``flat`` is a dict of this layout's buffers."""
         expected = {k: (n,) for k, n in self.sizes}
         if isinstance(flat, dict) and (missing := [k for k, v in flat.items() if v is None]):
@@ -104,14 +108,14 @@ class FlatLayout:
             )
 
 
-def _leaves_like(tree: Any, treedef: Any, name: str) -> list[Any]:
+def _leaves_like(tree: object, treedef: Any, name: str) -> list[ArrayLike]:
     leaves, got = jax.tree.flatten(tree)
     if got != treedef:
         raise ValueError(f"{name} has tree structure {got}; the layout was built from {treedef}.")
     return leaves
 
 
-def _common_device(leaves: list[Any]) -> Any:
+def _common_device(leaves: list[ArrayLike]) -> Any:
     """The device all array leaves live on, or None (JAX's default device)."""
     devices = set()
     for leaf in leaves:
@@ -126,7 +130,7 @@ def _concat(parts: list[jax.Array], key: str) -> jax.Array:
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
-def layout_of(params: Any) -> FlatLayout:
+def layout_of(params: object) -> FlatLayout:
     """The :class:`FlatLayout` of ``params`` (arrays or ``jax.ShapeDtypeStruct``)."""
     leaves, treedef = jax.tree.flatten(params)
     offsets: dict[str, int] = {}
@@ -141,7 +145,7 @@ def layout_of(params: Any) -> FlatLayout:
     return FlatLayout(treedef, tuple(slots), tuple(sorted(offsets.items())))
 
 
-def flatten_params(params: Any) -> tuple[dict[str, jax.Array], Callable[[dict[str, jax.Array]], Any]]:
+def flatten_params(params: object) -> tuple[dict[str, jax.Array], Callable[[dict[str, jax.Array]], Any]]:
     r"""Packs a parameter tree into one 1-D buffer per dtype, for flat mode.
 
     Returns ``(flat, unflatten)``: ``flat`` maps each dtype name (``"float32"``, ...)

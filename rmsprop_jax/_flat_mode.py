@@ -67,7 +67,7 @@ class FlatState:
         self.rest = rest
         self.layout = layout
 
-    def tree_flatten(self) -> tuple[tuple[Any, Any], _StateLayout]:
+    def tree_flatten(self) -> tuple[tuple[object, object], _StateLayout]:
         return (self.buffers, self.rest), self.layout
 
     @classmethod
@@ -112,7 +112,7 @@ class _StateLayout:
         self.state_treedef = state_treedef
         self.packed = packed
 
-    def _key(self) -> tuple[Any, ...]:
+    def _key(self) -> tuple[object, ...]:
         return (self.params, self.state_treedef, self.packed)
 
     def __eq__(self, other: object) -> bool:
@@ -122,7 +122,7 @@ class _StateLayout:
         return hash(self._key())
 
 
-def _check_optimizer(optimizer: Any) -> None:
+def _check_optimizer(optimizer: object) -> None:
     if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
         raise TypeError(
             f"optimizer must be an optax GradientTransformation (with init and update), e.g. "
@@ -130,7 +130,7 @@ def _check_optimizer(optimizer: Any) -> None:
         )
 
 
-def _candidates(layout: _flat_layout.FlatLayout, state: Any) -> dict[str, list[int]]:
+def _candidates(layout: _flat_layout.FlatLayout, state: optax.OptState) -> dict[str, list[int]]:
     """For each float32/float64 buffer, the state leaves that could share it (same dtype and length)."""
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     out: dict[str, list[int]] = {}
@@ -149,9 +149,9 @@ def _candidates(layout: _flat_layout.FlatLayout, state: Any) -> dict[str, list[i
 
 
 def _bytes_accessed(
-    optimizer: Any,
+    optimizer: optax.GradientTransformation,
     layout: _flat_layout.FlatLayout,
-    leaves: list[Any],
+    leaves: list[jax.Array | np.ndarray],
     state_treedef: Any,
     packed: tuple[tuple[str, int], ...],
 ) -> float | None:
@@ -181,7 +181,7 @@ MIN_PACKED_SIZE = 1 << 16
 
 
 def _choose_packing(
-    optimizer: Any, layout: _flat_layout.FlatLayout, state: Any, pack: bool | str
+    optimizer: optax.GradientTransformation, layout: _flat_layout.FlatLayout, state: optax.OptState, pack: bool | str
 ) -> tuple[tuple[str, int], ...]:
     """Which state leaf, if any, to store in each buffer's imaginary part.
 
@@ -221,7 +221,7 @@ def _choose_packing(
     return tuple(packed)
 
 
-def flat_init(optimizer: optax.GradientTransformation, params: Any, *, pack: bool | str = "auto") -> FlatState:
+def flat_init(optimizer: optax.GradientTransformation, params: optax.Params, *, pack: bool | str = "auto") -> FlatState:
     r"""Starts flat-mode training: parameters and optimizer state as one buffer per dtype.
 
     The parameters are raveled into one 1-D buffer per dtype (see
@@ -282,7 +282,7 @@ def flat_init(optimizer: optax.GradientTransformation, params: Any, *, pack: boo
     leaves, state_treedef = jax.tree.flatten(state)
     packed = _choose_packing(optimizer, layout, state, bool(pack) if not isinstance(pack, str) else pack)
     buffers = dict(flat)
-    rest: list[Any] = list(leaves)
+    rest: list[object] = list(leaves)
     for key, index in packed:
         buffers[key] = jax.lax.complex(flat[key], jnp.asarray(leaves[index]))
         rest[index] = None
@@ -344,7 +344,7 @@ def flat_apply(
             "Pass the optimizer flat_state was built with."
         )
     buffers: dict[str, jax.Array] = dict(new_params)
-    rest: list[Any] = list(leaves)
+    rest: list[object] = list(leaves)
     for key, index in layout.packed:
         buffers[key] = jax.lax.complex(new_params[key], leaves[index])
         rest[index] = None

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from rmsprop_jax import _validation
 
@@ -52,11 +53,11 @@ def abs_sq(x: jax.Array) -> jax.Array:
     return x * x
 
 
-def scalar(value: Any, dtype: np.dtype) -> jax.Array:
+def scalar(value: ArrayLike, dtype: np.dtype) -> jax.Array:
     return jnp.asarray(value).astype(dtype)
 
 
-def one_minus(value: Any, dtype: np.dtype) -> jax.Array:
+def one_minus(value: ArrayLike, dtype: np.dtype) -> jax.Array:
     """``1 - value`` in ``dtype``; computed in float64 first when ``value`` is concrete.
 
     Rounding 1 - 0.9 after the subtraction gives float32(0.1); subtracting in float32
@@ -86,7 +87,12 @@ class StepScalars(NamedTuple):
 
 
 def step_scalars(
-    dtype: np.dtype, new_count: jax.Array, bias_correction: bool, decay: Any, eps: Any, *descent: Any
+    dtype: np.dtype,
+    new_count: jax.Array,
+    bias_correction: bool,
+    decay: ArrayLike,
+    eps: ArrayLike,
+    *descent: Any,
 ) -> StepScalars:
     """The scalars in ``dtype``: ``decay`` is its value at this step, ``new_count`` the steps done after it,
     ``descent`` the learning rate, momentum and weight decay (each None where absent)."""
@@ -137,7 +143,7 @@ def _weighted_abs_sq(w: jax.Array, x: jax.Array) -> jax.Array:
     return (w * x) * x
 
 
-def where(c: jax.Array, x: Any, y: Any) -> jax.Array:
+def where(c: jax.Array, x: ArrayLike, y: ArrayLike) -> jax.Array:
     """``jnp.where(c, x, y)`` for a boolean ``c``, traced inline: ``jnp.where`` is a ``jit`` of its
     own, a call XLA must inline once per use per leaf (a few percent of a tree step's compile time)."""
     x, y = jnp.asarray(x), jnp.asarray(y)
@@ -150,7 +156,7 @@ def where(c: jax.Array, x: Any, y: Any) -> jax.Array:
     return jax.lax.select(c, x, y)
 
 
-def at_most(x: jax.Array, top: Any) -> jax.Array:
+def at_most(x: jax.Array, top: ArrayLike) -> jax.Array:
     """``min(x, top)``, nan kept. Written as a select: XLA:CPU then materializes the new
     state once and the update reads it, instead of recomputing it from the old state
     (which, with donated buffers, costs a copy of the state)."""
@@ -242,7 +248,7 @@ def _quotient_jvp(
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def straight_through(fn: Callable[..., jax.Array], x: jax.Array, *args: Any) -> jax.Array:
+def straight_through(fn: Callable[..., jax.Array], x: jax.Array, *args: object) -> jax.Array:
     """``fn(x, *args)`` (a rounding of ``x``), differentiated as the identity in ``x``; ``args`` carry no derivative.
 
     The primal is ``fn``'s own code, bit for bit.
@@ -252,7 +258,7 @@ def straight_through(fn: Callable[..., jax.Array], x: jax.Array, *args: Any) -> 
 
 @straight_through.defjvp
 def _straight_through_jvp(
-    fn: Callable[..., jax.Array], primals: tuple[Any, ...], tangents: tuple[Any, ...]
+    fn: Callable[..., jax.Array], primals: tuple[object, ...], tangents: tuple[jax.Array, ...]
 ) -> tuple[jax.Array, jax.Array]:
     y = fn(*primals)
     return y, tangents[0].astype(y.dtype)
@@ -272,7 +278,7 @@ def rms_normalize(
     nu_max: float,
     store_nu: "Store | None" = None,
     store_mu: "Store | None" = None,
-) -> tuple[jax.Array, Any, Any]:
+) -> tuple[jax.Array, object, object]:
     """One second-moment step for one leaf.
 
     Returns ``(u, nu_new, mu_new)`` with ``u = g / den``, where ``den`` is
@@ -375,7 +381,7 @@ def rms_normalize(
     return quotient(g, add_eps(den, s.eps, opts.eps_in_sqrt), opts.eps_may_be_zero), nu_out, mu_out
 
 
-Store = Callable[[jax.Array], tuple[Any, jax.Array]]
+Store = Callable[[jax.Array], tuple[object, jax.Array]]
 """Maps a new state value (compute dtype) to ``(stored form, its decoded value)``."""
 
 
@@ -418,7 +424,7 @@ def add_weight_decay(x: jax.Array, wd: jax.Array, param: jax.Array) -> jax.Array
 
 def momentum(
     u: jax.Array, b: jax.Array, s: StepScalars, nesterov: bool, lr_after: bool, keep: "Store | None"
-) -> tuple[jax.Array, Any]:
+) -> tuple[jax.Array, object]:
     r"""Heavy-ball momentum on the normalized gradient ``u``: ``(step, new buffer)``, with ``s.lr`` and ``s.momentum``.
 
     :math:`b_t = \mu b_{t-1} + \eta u_t` and step :math:`b_t` (or :math:`\eta u_t + \mu b_t`

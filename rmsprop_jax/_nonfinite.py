@@ -22,7 +22,7 @@ every device, and the counter stays the same on all of them.
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +33,10 @@ from rmsprop_jax import _kernel
 
 MODES = ("propagate", "skip", "zero")
 
+_T = TypeVar("_T")
 
-def check_mode(value: Any) -> str:
+
+def check_mode(value: object) -> str:
     """Returns ``value`` if it is one of :data:`MODES`, else raises ValueError."""
     if not isinstance(value, str) or value not in MODES:
         raise ValueError(
@@ -46,7 +48,7 @@ def check_mode(value: Any) -> str:
     return value
 
 
-def check_counter(mode: str, count: Any) -> None:
+def check_counter(mode: str, count: object) -> None:
     """Raises if the state's ``nonfinite_count`` was built for another ``on_nonfinite``."""
     if isinstance(count, optax.EmptyState) != (mode == "propagate"):
         built = "'propagate'" if isinstance(count, optax.EmptyState) else "'skip' or 'zero'"
@@ -56,7 +58,7 @@ def check_counter(mode: str, count: Any) -> None:
         )
 
 
-def init_count(mode: str) -> Any:
+def init_count(mode: str) -> optax.EmptyState | jax.Array:
     return optax.EmptyState() if mode == "propagate" else jnp.zeros([], jnp.int32)
 
 
@@ -88,7 +90,7 @@ def next_count(mode: str, count: Any, all_finite: jax.Array | None) -> Any:
     return _kernel.where(all_finite, count, optax.safe_increment(count))
 
 
-def skip_updates(mode: str, all_finite: jax.Array | None, updates: Any) -> Any:
+def skip_updates(mode: str, all_finite: jax.Array | None, updates: _T) -> _T:
     """``-0.0`` updates on a skipped step (a no-op for ``apply_updates``, bit for bit)."""
     if mode != "skip":
         return updates
@@ -96,7 +98,7 @@ def skip_updates(mode: str, all_finite: jax.Array | None, updates: Any) -> Any:
     return jax.tree.map(lambda u: _kernel.where(all_finite, u, -jnp.zeros_like(u)), updates)
 
 
-def skip_state(mode: str, all_finite: jax.Array | None, new: Any, old: Any) -> Any:
+def skip_state(mode: str, all_finite: jax.Array | None, new: _T, old: _T) -> _T:
     """The old state (bit for bit) on a skipped step, else the new one."""
     if mode != "skip":
         return new

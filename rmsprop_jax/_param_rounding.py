@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from rmsprop_jax import _kernel, _stochastic_rounding, _tree
 from rmsprop_jax._stochastic_rounding import Layout
@@ -64,10 +65,10 @@ class ParamRoundingState(NamedTuple):
 
     count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
     key: jax.Array | None
-    residual: Any
+    residual: optax.Params | None
 
 
-def _check_params(params: Any, where: str) -> list[Any]:
+def _check_params(params: optax.Params, where: str) -> list[ArrayLike | jax.ShapeDtypeStruct]:
     """Leaves of ``params``; raises TypeError naming the first integer or boolean leaf."""
     leaves = _tree.leaves_with_paths(params)[0]
     for path, leaf in leaves:
@@ -81,7 +82,7 @@ def _check_params(params: Any, where: str) -> list[Any]:
     return [leaf for _, leaf in leaves]
 
 
-def _is_low(leaf: Any) -> bool:
+def _is_low(leaf: object) -> bool:
     return _tree.leaf_dtype(leaf) in _LOW
 
 
@@ -205,7 +206,7 @@ def param_rounding(mode: str, *, seed: int = 0) -> optax.GradientTransformationE
         raise ValueError(f"seed must be an int in [0, 2**64); got {seed!r}.")
     stochastic = mode == "stochastic"
 
-    def init_fn(params: Any) -> Any:
+    def init_fn(params: optax.Params) -> Any:
         leaves = _check_params(params, "init")
         if not any(_is_low(p) for p in leaves):
             return optax.EmptyState()
@@ -215,7 +216,15 @@ def param_rounding(mode: str, *, seed: int = 0) -> optax.GradientTransformationE
         residual = jax.tree.map(lambda p: _tree.full_like(p, 0, RESIDUAL_DTYPE) if _is_low(p) else None, params)
         return ParamRoundingState(count, None, residual)
 
-    def update_fn(updates: Any, state: Any, params: Any = None, *, partition_specs: object = None) -> tuple[Any, Any]:
+    def update_fn(
+        updates: optax.Updates,
+        state: Any,
+        params: optax.Params | None = None,
+        *,
+        partition_specs: object = None,
+        **extra_args: object,
+    ) -> tuple[optax.Updates, Any]:
+        del extra_args  # optax.chain hands every transformation the extra arguments of all
         if params is None:
             raise ValueError(
                 "param_rounding needs params in update: call opt.update(updates, state, params) "
@@ -290,7 +299,7 @@ def _round_leaves(
     salts: tuple[int, ...],
     stochastic: bool,
     layouts: tuple[Layout | None, ...],
-) -> tuple[list[jax.Array], list[Any]]:
+) -> tuple[list[jax.Array], list[jax.Array | None]]:
     """The 16-bit leaves' new updates (and residuals, compensated): see :func:`param_rounding`."""
     out_u, out_c = [], []
     for p, u_in, c, salt, lay in zip(params, updates, residuals, salts, layouts, strict=True):

@@ -27,8 +27,6 @@ framework's scheduler becomes an optax schedule of ``count``:
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,24 +39,24 @@ from rmsprop_jax._alias import rmsprop
 _INF = float("inf")
 
 
-def _check_lr(name: str, value: Any) -> None:
+def _check_lr(name: str, value: object) -> None:
     """A finite, non-negative number, or a schedule."""
     _validation.check_learning_rate(name, value)
 
 
-def _check_nonneg(name: str, value: Any) -> None:
+def _check_nonneg(name: str, value: object) -> None:
     _validation.check_interval(name, value, 0.0, _INF, high_open=True)
 
 
-def _check_unit(name: str, value: Any) -> None:
+def _check_unit(name: str, value: object) -> None:
     _validation.check_interval(name, value, 0.0, 1.0)
 
 
-def _check_momentum(name: str, value: Any) -> None:
+def _check_momentum(name: str, value: object) -> None:
     _validation.check_interval(name, value, 0.0, 1.0, high_open=True)
 
 
-def _momentum_or_none(momentum: Any) -> Any:
+def _momentum_or_none(momentum: jax.typing.ArrayLike | None) -> jax.typing.ArrayLike | None:
     """``None`` (no buffer) for a momentum known to be 0; a zero-momentum buffer only copies the step."""
     known = _validation.concrete(momentum)
     if known is not None and float(known) == 0.0:
@@ -69,11 +67,11 @@ def _momentum_or_none(momentum: Any) -> Any:
 # --- PyTorch's complex handling: view_as_real around the real optimizer ------------------------
 
 
-def _is_complex(leaf: Any) -> bool:
+def _is_complex(leaf: object) -> bool:
     return leaf is not None and np.dtype(getattr(leaf, "dtype", None) or jnp.asarray(leaf).dtype).kind == "c"
 
 
-def _as_real(leaf: Any) -> Any:
+def _as_real(leaf: jax.typing.ArrayLike | jax.ShapeDtypeStruct) -> jax.typing.ArrayLike | jax.ShapeDtypeStruct:
     """A complex leaf as a real ``(..., 2)`` array (``torch.view_as_real``); others unchanged."""
     if not _is_complex(leaf):
         return leaf
@@ -83,7 +81,7 @@ def _as_real(leaf: Any) -> Any:
     return jnp.stack([x.real, x.imag], axis=-1)
 
 
-def _as_complex(real: Any, like: Any) -> Any:
+def _as_complex(real: jax.Array, like: jax.typing.ArrayLike) -> jax.Array:
     if not _is_complex(like):
         return real
     return jax.lax.complex(real[..., 0], real[..., 1]).astype(jnp.asarray(like).dtype)
@@ -96,7 +94,7 @@ def _split_complex(inner: _optax.GradientTransformationExtraArgs) -> _optax.Grad
         return inner.init(jax.tree.map(_as_real, params))
 
     def update_fn(
-        updates: _optax.Updates, state: _optax.OptState, params: _optax.Params | None = None, **extra_args: Any
+        updates: _optax.Updates, state: _optax.OptState, params: _optax.Params | None = None, **extra_args: object
     ) -> tuple[_optax.Updates, _optax.OptState]:
         real_params = None if params is None else jax.tree.map(_as_real, params)
         out, state = inner.update(jax.tree.map(_as_real, updates), state, real_params, **extra_args)

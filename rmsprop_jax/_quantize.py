@@ -66,11 +66,13 @@ into one multiply-add per element.
 
 import functools
 import math
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from rmsprop_jax import _kernel, _stochastic_rounding
 
@@ -235,10 +237,10 @@ def _block_params(fmt: Format, m: jax.Array, n: int, lift: int = 0) -> _Params:
     """:func:`_params` of per-block widths ``m``, computed once per block and repeated over rows of length ``n``."""
     k = _params(fmt, m, lift)
 
-    def ints(x: Any) -> jax.Array:
+    def ints(x: ArrayLike) -> jax.Array:
         return _expand(_once_int(jnp.asarray(x, jnp.uint32), m), n)
 
-    def floats(x: Any) -> jax.Array:
+    def floats(x: ArrayLike) -> jax.Array:
         return _expand(_once(jnp.asarray(x, jnp.float32), m), n)
 
     return _Params(ints(k.offset), ints(k.shift), floats(k.min_normal), floats(k.base), k.max_code)
@@ -601,7 +603,7 @@ def carry_derivative(scales: jax.Array, x: jax.Array, codes: jax.Array, fmt: For
 
 @carry_derivative.defjvp
 def _carry_derivative_jvp(
-    fmt: Format, primals: tuple[jax.Array, jax.Array, jax.Array], tangents: tuple[Any, Any, Any]
+    fmt: Format, primals: tuple[jax.Array, jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array, object]
 ) -> tuple[jax.Array, jax.Array]:
     scales, _, codes = primals
     dx = tangents[1]
@@ -628,7 +630,7 @@ def dequantize(codes: jax.Array, scales: jax.Array, fmt: Format) -> jax.Array:
     return decode_codes(codes, fmt, _block_params(fmt, m, n)) * _expand(_once(_factor(a, fmt, m), m), n)
 
 
-def _per_width(m: jax.Array, value: Any) -> jax.Array:
+def _per_width(m: jax.Array, value: Callable[[int], float]) -> jax.Array:
     """``value(width)`` (a Python float per width) for each block's width, as float32 constants."""
     out = jnp.full(m.shape, value(WIDTHS[0]), jnp.float32)
     for width in WIDTHS[1:]:

@@ -10,6 +10,8 @@
   serializes, and deserializes in any process that imports ``rmsprop_jax``.
 """
 
+from __future__ import annotations
+
 from typing import Any
 
 import jax
@@ -20,18 +22,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rmsprop_jax import _alias, _param_rounding, _storage, _transform
 
 
-def _spec_entries(leaf: Any, ndim: int) -> list[Any]:
+def _spec_entries(leaf: object, ndim: int) -> list[object]:
     """The leaf's partition spec as a list of ``ndim`` entries (None: not split)."""
     sharding = getattr(leaf, "sharding", None)
     spec = list(sharding.spec) if isinstance(sharding, NamedSharding) else []
     return spec + [None] * (ndim - len(spec))
 
 
-def _uses(entry: Any, axis: str) -> bool:
+def _uses(entry: object, axis: str) -> bool:
     return entry == axis or (isinstance(entry, tuple) and axis in entry)
 
 
-def zero1_shardings(state: Any, mesh: Mesh, axis: str) -> Any:
+def zero1_shardings(state: object, mesh: Mesh, axis: str) -> Any:
     """Shardings that split every optimizer-state array over the mesh axis ``axis``.
 
     ZeRO-1 style optimizer-state sharding: the parameters stay replicated over the data

@@ -401,10 +401,11 @@ def _store(codec: Codec, old: Leaf, ctx: StepContext) -> _codecs.Store | None:
     return functools.partial(codec.encode, old=old, ctx=ctx)
 
 
-def _kept(codec: Codec, out: jax.Array | Leaf, old: Leaf, ctx: StepContext) -> Leaf:
+def _kept(codec: Codec, out: object, old: Leaf, ctx: StepContext) -> Leaf:
     """The new stored leaf: ``out`` itself when the normalization already encoded it, else encoded now."""
     if isinstance(out, Leaf):
         return out
+    assert isinstance(out, jax.Array)
     return codec.encode(out, old, ctx)[0]
 
 

@@ -19,13 +19,13 @@ tens for ``jax.random.bits``' threefry, which would dominate the optimizer step 
 """
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import PartitionSpec
+from jax.typing import DTypeLike
 
 from rmsprop_jax import _kernel
 
@@ -121,7 +121,7 @@ def element_hash(x: jax.Array) -> jax.Array:
     return x * _u32(0x846CA68B)
 
 
-def round_stochastic(x: jax.Array, dtype: Any, bits: jax.Array, *, saturate: bool = True) -> jax.Array:
+def round_stochastic(x: jax.Array, dtype: DTypeLike, bits: jax.Array, *, saturate: bool = True) -> jax.Array:
     r"""Rounds the float32 (or float64) ``x`` to ``dtype`` (bfloat16 or float16) stochastically.
 
     Each element is rounded to one of the two ``dtype`` values around it, up (in

@@ -7,25 +7,27 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 from jax.experimental.shard_alike import shard_alike
+from jax.tree_util import KeyPath
+from jax.typing import ArrayLike
 
 from rmsprop_jax import _dtypes
 
 
-def leaves_with_paths(tree: Any) -> tuple[list[tuple[Any, Any]], Any]:
+def leaves_with_paths(tree: object) -> tuple[list[tuple[KeyPath, Any]], Any]:
     return jax.tree_util.tree_flatten_with_path(tree)
 
 
-def path_str(path: Any) -> str:
+def path_str(path: KeyPath) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
-def leaf_dtype(leaf: Any) -> np.dtype:
+def leaf_dtype(leaf: object) -> np.dtype:
     """The dtype of an array, a ``jax.ShapeDtypeStruct`` or a Python scalar."""
     dtype = getattr(leaf, "dtype", None)
     return np.dtype(dtype if dtype is not None else jnp.asarray(leaf).dtype)
 
 
-def full_like(leaf: Any, value: Any, dtype: np.dtype) -> jax.Array:
+def full_like(leaf: ArrayLike | jax.ShapeDtypeStruct, value: ArrayLike, dtype: np.dtype) -> jax.Array:
     """A state buffer shaped and sharded like ``leaf``, also when ``init`` is jitted.
 
     Outside jit ``jnp.full_like`` copies the concrete sharding of ``leaf``. Under jit with
@@ -42,7 +44,13 @@ def full_like(leaf: Any, value: Any, dtype: np.dtype) -> jax.Array:
 
 
 def flatten_like(
-    tree: Any, reference_treedef: Any, *, name: str, reference_name: str, reference: Any, none_leaves: bool = False
+    tree: object,
+    reference_treedef: Any,
+    *,
+    name: str,
+    reference_name: str,
+    reference: object,
+    none_leaves: bool = False,
 ) -> list[Any]:
     """Flattens ``tree`` to the leaves of ``reference_treedef``, or raises ValueError.
 
@@ -81,7 +89,7 @@ def flatten_like(
     )
 
 
-def _is_leaf(x: Any) -> bool:
+def _is_leaf(x: object) -> bool:
     return jax.tree_util.treedef_is_leaf(jax.tree.structure(x))
 
 
@@ -91,7 +99,14 @@ def _some(paths: list[str], limit: int = 10) -> str:
     return ", ".join(paths[:limit]) + more
 
 
-def check_leaf(grad: Any, state_leaf: Any, path: Any, *, name: str, kind_leaf: Any = None) -> None:
+def check_leaf(
+    grad: ArrayLike,
+    state_leaf: ArrayLike | jax.ShapeDtypeStruct,
+    path: KeyPath,
+    *,
+    name: str,
+    kind_leaf: jax.Array | None = None,
+) -> None:
     """Raises if a gradient leaf cannot be the gradient of the parameter ``state_leaf`` mirrors.
 
     ``kind_leaf``, a state leaf that is complex exactly when the parameter is (``mu``

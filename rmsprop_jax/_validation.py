@@ -14,13 +14,14 @@ from typing import Any, ParamSpec, TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def concrete(value: Any) -> np.ndarray | None:
+def concrete(value: object) -> np.ndarray | None:
     """Returns ``value`` as a NumPy array when it is known now, else None."""
     if value is None or callable(value):
         return None
@@ -30,7 +31,7 @@ def concrete(value: Any) -> np.ndarray | None:
         return None
 
 
-def is_real_dtype(dtype: Any) -> bool:
+def is_real_dtype(dtype: DTypeLike) -> bool:
     """Whether ``dtype`` holds real numbers: NumPy's and ml_dtypes' floats (bfloat16, ...) and ints.
 
     ``np.issubdtype(bfloat16, np.number)`` is False (ml_dtypes' types are not NumPy
@@ -39,7 +40,7 @@ def is_real_dtype(dtype: Any) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
 
 
-def as_float64(value: Any) -> float | None:
+def as_float64(value: object) -> float | None:
     """The concrete real scalar ``value`` as a float64, None when unknown (traced, schedule).
 
     Every real kind a JAX user holds is exact in float64: Python ints and floats, NumPy
@@ -55,7 +56,7 @@ def as_float64(value: Any) -> float | None:
     return float(arr.astype(np.float64))
 
 
-def real_value(name: str, value: Any) -> float | None:
+def real_value(name: str, value: object) -> float | None:
     """:func:`as_float64`, raising ``{name} must be a real number; got ...`` for other values."""
     check_scalar_shape(name, value)
     try:
@@ -64,7 +65,7 @@ def real_value(name: str, value: Any) -> float | None:
         raise ValueError(f"{name} must be a real number; got {value!r}.") from None
 
 
-def describe(value: Any) -> str:
+def describe(value: object) -> str:
     """A concrete scalar's exact value (its float64 ``repr``), whatever its dtype; else ``repr``.
 
     A bfloat16 1e-3 is shown as 0.00099945068359375, the number the optimizer will use.
@@ -87,7 +88,7 @@ def check_scalar_shape(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a scalar or a schedule; got a value of shape {shape}.")
 
 
-def check_bool(name: str, value: Any) -> None:
+def check_bool(name: str, value: object) -> None:
     """Raises TypeError unless ``value`` is a Python or NumPy bool."""
     if not isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be a bool; got {value!r}.")
@@ -95,7 +96,7 @@ def check_bool(name: str, value: Any) -> None:
 
 def check_interval(
     name: str,
-    value: Any,
+    value: object,
     low: float,
     high: float,
     *,
@@ -114,7 +115,7 @@ def check_interval(
         raise ValueError(f"{name}={describe(value)} is outside the allowed range {left}{low}, {high}{right}.")
 
 
-def check_finite(name: str, value: Any) -> None:
+def check_finite(name: str, value: object) -> None:
     check_scalar_shape(name, value)
     try:
         x = as_float64(value)
@@ -124,7 +125,7 @@ def check_finite(name: str, value: Any) -> None:
         raise ValueError(f"{name}={describe(value)} is not allowed; it must be a finite real number or a schedule.")
 
 
-def check_learning_rate(name: str, value: Any) -> None:
+def check_learning_rate(name: str, value: object) -> None:
     """A finite learning rate >= 0 (0 is allowed, as in optax), or a schedule.
 
     A negative constant would ascend the objective; PyTorch refuses it too. Ascent is
@@ -141,7 +142,7 @@ def check_learning_rate(name: str, value: Any) -> None:
 
 
 def check_survives_dtype(
-    decay: Any, eps: Any, dtype: np.dtype, *, explicit: bool, stochastic_rounding: bool = False
+    decay: object, eps: object, dtype: np.dtype, *, explicit: bool, stochastic_rounding: bool = False
 ) -> None:
     """Raises if ``decay`` rounds to 1 or ``eps`` to 0 in ``dtype``.
 

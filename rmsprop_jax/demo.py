@@ -32,7 +32,7 @@ import pathlib
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,10 @@ import optax
 
 import rmsprop_jax
 from rmsprop_jax import _demo_bf16, _demo_bowl, _demo_spike, _digits
+
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 TARGET_ACCURACY = 0.95
@@ -67,9 +71,12 @@ STYLES = (
 )
 
 
+HostMLP = list[dict[str, np.ndarray]]  # the MLP's arrays per layer, fetched to the host
+
+
 class Spec(NamedTuple):
     name: str
-    make: Callable[[Any], optax.GradientTransformation]  # the optimizer at a (traced) learning rate
+    make: Callable[[jax.Array], optax.GradientTransformation]  # the optimizer at a (traced) learning rate
     diagnosed: bool = False  # an rmsprop_jax optimizer whose effective learning rate is recorded
 
 
@@ -81,7 +88,8 @@ class Sweep(NamedTuple):
     batch_loss: np.ndarray  # (seeds, rates, steps)
     test_accuracy: np.ndarray  # (seeds, rates, steps), after each step
     final: dict[str, np.ndarray]  # train/test loss and accuracy on the full sets, (seeds, rates) each
-    diagnostics: Any  # (min, median, max) effective learning rate per leaf, (seeds, rates, steps), or None
+    # (min, median, max) effective learning rate per leaf, (seeds, rates, steps), or None
+    diagnostics: tuple[HostMLP, HostMLP, HostMLP] | None
     rates: Any = None  # the per-element effective learning rate after the last step, (seeds, rates, ...), or None
     nu: Any = None  # S after the last step, per element, (seeds, rates, ...), or None
 
@@ -168,26 +176,28 @@ def _optimizers(args: argparse.Namespace) -> list[Spec]:
     ]
 
 
-def _diagnose(state: Any, opt: optax.GradientTransformation) -> Any:
+def _diagnose(
+    state: optax.OptState, opt: optax.GradientTransformation
+) -> tuple[optax.Updates, optax.Updates, optax.Updates]:
     """Per leaf, the (min, median, max) effective learning rate."""
     d = rmsprop_jax.effective_learning_rate(state, opt)
     return d.min, d.median, d.max
 
 
-def _inspect(state: Any, opt: optax.GradientTransformation) -> Any:
+def _inspect(state: optax.OptState, opt: optax.GradientTransformation) -> tuple[optax.Updates, optax.Updates]:
     """The per-element effective learning rate and S."""
     return rmsprop_jax.effective_learning_rate(state, opt).per_element, rmsprop_jax.decode_state(state).nu
 
 
 def sweep(
-    spec: Spec, learning_rates: np.ndarray, data: _digits.Split, params0: Any, idx: np.ndarray, progress: Any
+    spec: Spec, learning_rates: np.ndarray, data: _digits.Split, params0: _digits.MLP, idx: np.ndarray, progress: "tqdm"
 ) -> Sweep:
     """Trains ``spec`` at every rate and seed in one vmapped, jitted call.
 
     ``params0``: one initialization per seed, stacked; ``idx``: (seeds, epochs, steps, batch).
     """
 
-    def on_epoch(epoch: Any, _: Any) -> None:  # called once per run, in any order
+    def on_epoch(epoch: jax.Array, _: jax.Array) -> None:  # called once per run, in any order
         progress.update(max(0, int(epoch) + 1 - progress.n))
 
     diagnose, inspect = (_diagnose, _inspect) if spec.diagnosed else (None, None)
@@ -620,7 +630,7 @@ def _smooth(x: np.ndarray, width: int) -> np.ndarray:
 def _figures(
     sweeps: list[Sweep],
     spikes: list[_demo_spike.Spiked],
-    params0: Any,
+    params0: _digits.MLP,
     data_x: np.ndarray,
     steps_per_epoch: int,
     out: pathlib.Path,
