@@ -192,9 +192,18 @@ def sites(path: str) -> list[Mutant]:
 
 def sample(paths: list[str], n: int, seed: int) -> list[Mutant]:
     """``n`` mutants drawn without replacement, reproducibly, from every site of every module."""
-    every = [m for p in paths for m in sites(p)]
+    texts = {p: (ROOT / p).read_text() for p in paths}
+    every = [m for p in paths for m in sites(p) if _parses(apply(texts[p], m))]
     picked = random.Random(seed).sample(every, min(n, len(every)))
     return sorted(picked, key=lambda m: (m.path, m.start, m.new))
+
+
+def _parses(text: str) -> bool:
+    try:
+        ast.parse(text)
+    except SyntaxError:
+        return False
+    return True
 
 
 def apply(text: str, m: Mutant) -> str:
@@ -253,6 +262,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per fast-tier run (full: 3x)")
     ap.add_argument("--out", default="mutation.json", help="the JSON record (rewritten after each mutant)")
     ap.add_argument("--list", action="store_true", help="print the sampled mutants and exit")
+    ap.add_argument("--skip-baseline", action="store_true", help="do not check first that the fast tier passes")
     args = ap.parse_args()
     mutants = sample(args.modules, args.n, args.seed)
     if args.list:
@@ -266,42 +276,48 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
         work = Path(tmp)
         copy_tree(work)
-        status, seconds, tail = run(fast, work, args.timeout)
-        print(f"unmutated copy, fast tier: {status} in {seconds:.0f} s", flush=True)
-        if status != "survived":
-            print(f"the tests must pass before any mutant is run:\n{tail}", file=sys.stderr)
-            return 2
-        for i, m in enumerate(mutants):
-            target = work / m.path
-            original = target.read_text()
-            target.write_text(apply(original, m))
-            try:
-                ast.parse(target.read_text())
-            except SyntaxError:
-                target.write_text(original)
-                continue
-            entry = {"mutant": m.name, **dataclasses.asdict(m)}
-            entry["fast"], entry["fast_s"], entry["fast_tail"] = run(fast, work, args.timeout)
-            if entry["fast"] == "survived" and full:
-                entry["full"], entry["full_s"], entry["full_tail"] = run(full, work, 3 * args.timeout)
-            target.write_text(original)
-            record["mutants"].append(entry)
-            print(f"{i:3d} fast: {entry['fast']:8s} full: {entry.get('full', '-'):8s} {m.name}", flush=True)
-            Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        if not args.skip_baseline:
+            status, seconds, tail = run(fast, work, args.timeout)
+            print(f"unmutated copy, fast tier: {status} in {seconds:.0f} s", flush=True)
+            if status != "survived":
+                print(f"the tests must pass before any mutant is run:\n{tail}", file=sys.stderr)
+                return 2
+        # Every mutant through the fast tier first, then the survivors through the full suite:
+        # stopped early, the record still has the fast tier's verdict on every mutant.
+        for tier, cmd, timeout in (("fast", fast, args.timeout), ("full", full, 3 * args.timeout)):
+            for i, m in enumerate(mutants):
+                entries = record["mutants"]
+                if tier == "full" and (not cmd or entries[i]["fast"] != "survived"):
+                    continue
+                target = work / m.path
+                original = target.read_text()
+                target.write_text(apply(original, m))
+                try:
+                    if tier == "fast":
+                        entries.append({"mutant": m.name, **dataclasses.asdict(m)})
+                    entries[i][tier], entries[i][f"{tier}_s"], entries[i][f"{tier}_tail"] = run(cmd, work, timeout)
+                finally:
+                    target.write_text(original)
+                print(f"{i:3d} {tier}: {entries[i][tier]:8s} {entries[i][f'{tier}_s']:5.0f} s  {m.name}", flush=True)
+                Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     summarize(record)
     return 0
 
 
 def summarize(record: dict[str, Any]) -> None:
+    """A table of every mutant's verdicts, and the fast tier's share of the full suite's kills."""
     ms = record["mutants"]
-    fast_killed = sum(m["fast"] in ("killed", "timeout") for m in ms)
-    full_killed = fast_killed + sum(m.get("full") in ("killed", "timeout") for m in ms)
-    not_run = [m["mutant"] for m in ms if m["fast"] == "survived" and "full" not in m]
-    print(f"\n{len(ms)} mutants: the fast tier kills {fast_killed}, the full suite {full_killed}", end="")
-    print(f" ({100 * fast_killed / full_killed:.0f}% of them in the fast tier)" if full_killed else "")
+    print(f"\n{'fast':9s} {'full':9s} mutant")
     for m in ms:
-        if m["fast"] == "survived" and m.get("full", "survived") == "survived":
-            print(f"  survived{' (full suite not run)' if m in not_run else ''}: {m['mutant']}")
+        full = m.get("full", "-" if m["fast"] != "survived" else "not run")
+        print(f"{m['fast']:9s} {full:9s} {m['mutant']}")
+    caught = ("killed", "timeout")
+    fast_killed = sum(m["fast"] in caught for m in ms)
+    full_killed = fast_killed + sum(m.get("full") in caught for m in ms)
+    not_run = sum(m["fast"] == "survived" and "full" not in m for m in ms)
+    print(f"{len(ms)} mutants: the fast tier kills {fast_killed}, the full suite {full_killed}", end="")
+    print(f" ({100 * fast_killed / full_killed:.0f}% of them in the fast tier)" if full_killed else "", end="")
+    print(f"; {not_run} fast-tier survivors not run through the full suite" if not_run else "")
 
 
 if __name__ == "__main__":
