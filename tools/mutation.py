@@ -35,7 +35,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 LINKED = (".venv", "docs/_build")  # needed by the tests, too big or not tracked: linked, never written
 PYTEST = [".venv/bin/python", "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
-XDIST = ["-n", "2", "--dist", "loadfile"]  # make test-fast's and make pytest's split
+XDIST = ["-n", "2", "--dist", "loadfile"]  # make pytest's split
+# Run first (pytest keeps the order of the files it is given; -x stops at the first failure):
+# the files that compare the update path with a reference, bit for bit or within a few ulp.
+FIRST = [
+    "tests/test_byte_identity.py",
+    "tests/test_reference.py",
+    "tests/test_memory_state.py",
+    "tests/test_numerics.py",
+    "tests/test_optax_parity.py",
+    "tests/test_closed_forms.py",
+    "tests/test_validation.py",
+]
 
 _BINOP = {ast.Add: ("+", "-"), ast.Sub: ("-", "+"), ast.Mult: ("*", "/"), ast.Div: ("/", "*")}
 _CMPOP = {
@@ -232,7 +243,7 @@ def copy_tree(dest: Path) -> None:
 
 
 def run(cmd: list[str], cwd: Path, timeout: float) -> tuple[str, float, str]:
-    """(killed | survived | timeout, seconds, last lines of output)."""
+    """(killed | survived | timeout, seconds, the failed tests and the last line of output)."""
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}  # a stale .pyc must never stand in for a mutant
     t0 = time.perf_counter()
     # A session of its own: on a timeout the whole group goes, pytest-xdist's workers included.
@@ -245,7 +256,8 @@ def run(cmd: list[str], cwd: Path, timeout: float) -> tuple[str, float, str]:
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate()
         return "timeout", time.perf_counter() - t0, ""
-    tail = "\n".join(out.strip().splitlines()[-3:])
+    lines = out.strip().splitlines()
+    tail = "\n".join([x for x in lines if x.startswith(("FAILED ", "ERROR "))][:3] + lines[-1:])
     # 1: a test failed; 2: a module no longer imports (collection error); 3-5: not the tests' verdict
     status = {0: "survived", 1: "killed", 2: "killed"}.get(p.returncode, f"error (exit {p.returncode})")
     return status, time.perf_counter() - t0, tail
@@ -269,8 +281,12 @@ def main() -> int:
         for i, m in enumerate(mutants):
             print(f"{i:3d} {m.name}")
         return 0
-    fast = args.fast.split() if args.fast is not None else [*PYTEST, *XDIST, "--sample", str(args.sample)]
-    full = args.full.split() if args.full is not None else [*PYTEST, *XDIST]
+    files = FIRST + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py"))
+    files = list(dict.fromkeys(f for f in files if (ROOT / f).exists()))
+    # The fast tier in one process (a kill is usually in the first files: no second collection),
+    # the full suite on two workers; both the same tests as make test-fast and make pytest.
+    fast = args.fast.split() if args.fast is not None else [*PYTEST, "--sample", str(args.sample), *files]
+    full = args.full.split() if args.full is not None else [*PYTEST, *XDIST, *files]
     record: dict[str, Any] = {"modules": args.modules, "n": args.n, "seed": args.seed}
     record.update(fast=" ".join(fast), full=" ".join(full), mutants=[])
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
@@ -298,7 +314,11 @@ def main() -> int:
                     entries[i][tier], entries[i][f"{tier}_s"], entries[i][f"{tier}_tail"] = run(cmd, work, timeout)
                 finally:
                     target.write_text(original)
-                print(f"{i:3d} {tier}: {entries[i][tier]:8s} {entries[i][f'{tier}_s']:5.0f} s  {m.name}", flush=True)
+                first = entries[i][f"{tier}_tail"].splitlines()[:1] if entries[i][tier] == "killed" else []
+                by = f"  by {first[0].split()[1]}" if first and first[0].startswith(("FAILED", "ERROR")) else ""
+                print(
+                    f"{i:3d} {tier}: {entries[i][tier]:8s} {entries[i][f'{tier}_s']:5.0f} s  {m.name}{by}", flush=True
+                )
                 Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     summarize(record)
     return 0
