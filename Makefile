@@ -11,7 +11,7 @@ COV ?= --cov=rmsprop_jax --cov-report=term-missing:skip-covered --cov-fail-under
 # `make pytest XDIST=` runs in one process.
 XDIST ?= -n 2 --dist loadfile
 
-.PHONY: demo bench notebooks docs test pytest test-fast test-min test-min-all lint format typecheck clean
+.PHONY: demo bench notebooks docs test pytest test-fast mutation test-min test-min-all lint format typecheck clean
 
 $(BIN)/python:
 	@echo "== Creating the virtual environment $(VENV)/ with $(PYTHON) ($$($(PYTHON) --version))"
@@ -55,11 +55,20 @@ test: lint typecheck docs pytest test-min
 pytest: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(XDIST) $(COV) $(ARGS)
 
-# Every test file, with at most SAMPLE cases of each parametrized test (the first, the last,
-# and evenly between; tests/conftest.py): a first answer in about two minutes.
+# A sample of every test file (tests/conftest.py --sample): at most SAMPLE cases of each
+# parametrized test (the first, the last and evenly between), no test marked `full`, five
+# examples per property test: a first answer in about two minutes.
 SAMPLE ?= 2
 test-fast: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(XDIST) -q --sample $(SAMPLE) $(ARGS)
+
+# Mutation testing (tools/mutation.py): MUTANTS seeded mutants of the MUTATE modules, each in a
+# throwaway copy of the tree, through test-fast's sample and, if it survives, the full suite.
+MUTATE ?= rmsprop_jax/_kernel.py rmsprop_jax/_codecs.py rmsprop_jax/_step.py
+MUTANTS ?= 30
+SEED ?= 0
+mutation: $(VENV)/.installed-test
+	$(BIN)/python tools/mutation.py $(MUTATE) -n $(MUTANTS) --seed $(SEED) --sample $(SAMPLE) $(ARGS)
 
 # The declared floors: .venv-min gets the lowest Python and every dependency at the lowest
 # version pyproject.toml allows (tools/min_constraints.py). `make test-min` runs there the

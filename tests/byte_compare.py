@@ -12,8 +12,14 @@ Run ``dump`` in a worktree of the commit before a change and in the changed tree
     .venv/bin/python -m tests.byte_compare compare /tmp/before.json /tmp/after.json
 
 Only the public API is used, so the script runs unchanged on either side.
+
+``fixture`` writes the same digests, shortened, with the versions and CPU flags they were
+computed with, to the file ``tests/test_byte_identity.py`` compares every run against::
+
+    .venv/bin/python -m tests.byte_compare fixture tests/fixtures/update_bytes.json
 """
 
+import functools
 import hashlib
 import itertools
 import json
@@ -183,36 +189,119 @@ def configs() -> Iterator[tuple[str, Callable[[], Any], str, bool]]:
             yield f"preset/{name}/{pname}", make, pname, False
 
 
-def dump(path: str) -> None:
+def entries() -> Iterator[tuple[str, Callable[[], Any]]]:
+    """(name, record) for every configuration, in a fixed order; ``record()`` computes its digests."""
     sets = {"real": params_real, "mixed": params_mixed}
-    out: dict[str, Any] = {}
     for i, (name, make, pname, nonfinite) in enumerate(configs()):
-        out[name] = run(make, sets[pname](), nonfinite=nonfinite, jit=False)
+
+        def record(make=make, pname=pname, nonfinite=nonfinite, jit=False) -> Any:
+            return run(make, sets[pname](), nonfinite=nonfinite, jit=jit)
+
+        yield name, record
         if i % 7 == 0:  # jitted by the caller too, for a sample
-            out[name + "/jit"] = run(make, sets[pname](), nonfinite=nonfinite, jit=True)
-    with jax.enable_x64(True):
-        for oname in ("plain", "centered", "momentum", "everything"):
-            for sname in ("default", "bf16_sr", "int8", "factored"):
-                kw = {"learning_rate": 0.01, **STORAGES[sname], **OPTIONS[oname]}
-                out[f"f64/rmsprop/{sname}/{oname}"] = run(
-                    lambda kw=kw: rmsprop_jax.rmsprop(**kw), params_f64(), nonfinite="on_nonfinite" in kw, jit=False
-                )
+            yield name + "/jit", functools.partial(record, jit=True)
+    for oname in ("plain", "centered", "momentum", "everything"):
+        for sname in ("default", "bf16_sr", "int8", "factored"):
+            kw = {"learning_rate": 0.01, **STORAGES[sname], **OPTIONS[oname]}
+
+            def record_f64(kw=kw) -> Any:
+                with jax.enable_x64(True):
+                    return run(
+                        lambda: rmsprop_jax.rmsprop(**kw), params_f64(), nonfinite="on_nonfinite" in kw, jit=False
+                    )
+
+            yield f"f64/rmsprop/{sname}/{oname}", record_f64
     flat_opts = {"default": {}, "momentum": {"momentum": 0.9}, "centered": {"centered": True}, "int8": STORAGES["int8"]}
     for oname, kw in flat_opts.items():
-        opt = rmsprop_jax.rmsprop(0.01, **kw)
-        p = {"a": jnp.asarray(np.random.default_rng(3).normal(size=70_000), jnp.float32), **params_real()}
-        fs = rmsprop_jax.flat_init(opt, p)
-        record = [str(fs), digest(fs)]
-        step = jax.jit(lambda g, s, opt=opt: rmsprop_jax.flat_apply(opt, g, s))
-        for t in range(STEPS):
-            g, _ = rmsprop_jax.flatten_params(grads(p, t, nonfinite=False))
-            fs = step(g, fs)
-            record.append(digest(fs))
-        out[f"flat/{oname}"] = record
+        yield f"flat/{oname}", functools.partial(record_flat, kw)
+
+
+def record_flat(kw: dict[str, Any]) -> Any:
+    opt = rmsprop_jax.rmsprop(0.01, **kw)
+    p = {"a": jnp.asarray(np.random.default_rng(3).normal(size=70_000), jnp.float32), **params_real()}
+    fs = rmsprop_jax.flat_init(opt, p)
+    record = [str(fs), digest(fs)]
+    step = jax.jit(lambda g, s: rmsprop_jax.flat_apply(opt, g, s))
+    for t in range(STEPS):
+        g, _ = rmsprop_jax.flatten_params(grads(p, t, nonfinite=False))
+        fs = step(g, fs)
+        record.append(digest(fs))
+    return record
+
+
+def dump(path: str) -> None:
+    out = {name: record() for name, record in entries()}
     with open(path, "w") as f:
         json.dump(out, f, indent=0, sort_keys=True)
     errors = sum(isinstance(v, str) for v in out.values())
     print(f"wrote {path}: {len(out)} configurations ({errors} refused with an error)")
+
+
+# What XLA:CPU's generated code depends on besides the source: the compiler and the
+# instruction sets it may use (vector width, FMA, 16-bit conversions).
+_ISA_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "amx", "asimd", "sve", "fp", "neon")
+
+
+def platform() -> dict[str, Any]:
+    """jax, jaxlib and NumPy versions, the machine and its instruction-set flags (``/proc/cpuinfo``)."""
+    import platform as _platform
+
+    import jaxlib
+
+    flags: list[str] = []
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("flags", "Features") and not flags:
+                    flags = sorted(x for x in value.split() if x.startswith(_ISA_PREFIXES))
+                elif key in ("model name", "CPU part") and not model:
+                    model = value.strip()
+    except OSError:
+        pass
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "numpy": np.__version__,
+        "machine": _platform.machine(),
+        "cpu_model": model,
+        "cpu_flags": flags,
+    }
+
+
+def inputs_digest() -> str:
+    """One SHA-256 of every parameter and gradient the grid feeds in (NumPy's generators make them)."""
+    trees: list[Any] = []
+    for p in (params_real(), params_mixed()):
+        trees += [p] + [grads(p, t, nonfinite=n) for t in range(STEPS) for n in (False, True)]
+    with jax.enable_x64(True):
+        p = params_f64()
+        trees += [p] + [grads(p, t, nonfinite=n) for t in range(STEPS) for n in (False, True)]
+    trees.append(np.random.default_rng(3).normal(size=70_000).astype(np.float32))
+    return hashlib.sha256("".join(h for t in trees for h in digest(t)).encode()).hexdigest()
+
+
+FIXTURE_COMMAND = ".venv/bin/python -m tests.byte_compare fixture tests/fixtures/update_bytes.json"
+
+
+def compact(record: Any) -> Any:
+    """A record with each leaf's digest (dtype, shape, bytes) shortened to 8 hex digits of its SHA-256."""
+    if isinstance(record, list):
+        return [compact(x) for x in record]
+    return hashlib.sha256(record.encode()).hexdigest()[:8]
+
+
+def fixture(path: str) -> None:
+    """Writes the compact digests of every configuration, one a line, and the platform they were computed on."""
+    digests = {name: r if isinstance(r := record(), str) else compact(r) for name, record in entries()}
+    meta = {"command": FIXTURE_COMMAND, **platform(), "inputs": inputs_digest()}
+    lines = [f"{json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}" for k, v in sorted(digests.items())]
+    with open(path, "w") as f:
+        f.write(f'{{"platform": {json.dumps(meta, sort_keys=True)},\n"digests": {{\n')
+        f.write(",\n".join(lines) + "\n}}\n")
+    print(f"wrote {path}: {len(digests)} configurations")
 
 
 def compare(a_path: str, b_path: str) -> int:
@@ -234,5 +323,7 @@ def compare(a_path: str, b_path: str) -> int:
 if __name__ == "__main__":
     if sys.argv[1] == "dump":
         dump(sys.argv[2])
+    elif sys.argv[1] == "fixture":
+        fixture(sys.argv[2])
     else:
         sys.exit(compare(sys.argv[2], sys.argv[3]))

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+import hypothesis
 import jax
 import pytest
 
@@ -27,25 +28,46 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="run at most N cases of each parametrized test, spread over its grid (make test-fast); 0: all",
+        help="a sampled run (make test-fast): at most N cases of each parametrized test, spread over its grid, "
+        "no test marked full, a few hypothesis examples; every test file still runs tests. 0: all",
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "full: left out of a sampled run (--sample, make test-fast): expensive, and its file has cheaper tests",
+    )
+    # tests.helpers.max_examples(n) caps each property test's examples at the profile's.
+    hypothesis.settings.register_profile("sample", max_examples=5)
+    if config.getoption("sample") > 0 and config.getoption("hypothesis_profile", None) is None:
+        hypothesis.settings.load_profile("sample")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With ``--sample N``, keep N cases of each test function: the first, the last and evenly between."""
+    """With ``--sample N``: per test function, N cases (the first, the last and evenly between)
+    of those not marked ``full``; a file whose every test is marked keeps its first one."""
     n = config.getoption("sample")
     if n <= 0:
         return
     groups: dict[tuple[str, str], list[pytest.Item]] = {}
+    files: dict[str, list[pytest.Item]] = {}
     for item in items:
+        path = item.nodeid.split("::")[0]
+        files.setdefault(path, []).append(item)
+        if item.get_closest_marker("full") is not None:
+            continue
         # One function: pytest's parametrize and absl's named_parameters/chex's variants share its qualname.
         name = getattr(getattr(item, "obj", None), "__qualname__", None) or item.name
-        groups.setdefault((item.nodeid.split("::")[0], name), []).append(item)
+        groups.setdefault((path, name), []).append(item)
     keep = set()
     for group in groups.values():
         m = len(group)
         picks = range(m) if m <= n else sorted({round(i * (m - 1) / (n - 1)) if n > 1 else 0 for i in range(n)})
         keep.update(id(group[i]) for i in picks)
+    for file_items in files.values():
+        if not any(id(item) in keep for item in file_items):
+            keep.add(id(file_items[0]))
     deselected = [item for item in items if id(item) not in keep]
     if deselected:
         config.hook.pytest_deselected(items=deselected)

@@ -3,6 +3,7 @@
 from collections.abc import Callable
 from typing import Any
 
+import hypothesis
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,3 +68,12 @@ def digits_batch(data: Any, t: int, size: int = DIGITS_BATCH) -> tuple[np.ndarra
     """The ``t``-th training batch of the digits data, cycling through the training split."""
     i = (t * size) % (len(data.y_train) - size)
     return data.x_train[i : i + size], data.y_train[i : i + size]
+
+
+def max_examples(n: int) -> int:
+    """Hypothesis examples for a property test: ``n``, at most the active profile's.
+
+    The default profile allows 100, so ``n`` runs; a sampled run (``--sample``, ``make
+    test-fast``) loads ``tests/conftest.py``'s profile ``sample``, which allows a few.
+    """
+    return min(n, hypothesis.settings().max_examples)

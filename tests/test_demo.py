@@ -52,6 +52,7 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
+# The tests that read this run (about 30 s of CPU) are marked full: make test-fast leaves them out.
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: Any) -> dict[str, Any]:
     """The demo at quick settings, with every optimizer factory recording what it is called with."""
@@ -119,6 +120,7 @@ def _per_optimizer(rows: list[dict[str, str]]) -> dict[str, dict[str, np.ndarray
     return out
 
 
+@pytest.mark.full
 def test_each_sweep_is_one_vmapped_trace(quick_run):
     assert quick_run["status"] == 0
     # One call per optimizer, with one batched (vmapped) tracer for all the rates: not one per rate.
@@ -129,6 +131,7 @@ def test_each_sweep_is_one_vmapped_trace(quick_run):
         assert lrs[0].shape == ()
 
 
+@pytest.mark.full
 def test_table_reports_each_at_its_best_rate(quick_run):
     printed = {m["name"].strip(): m for m in ROW.finditer(quick_run["stdout"])}
     assert list(printed) == NAMES, quick_run["stdout"]
@@ -183,6 +186,7 @@ def _plain_run(opt: optax.GradientTransformation, seed: int = SEED) -> tuple[flo
     return float(_digits.loss(params, x, y)), float(_digits.accuracy(params, x, y))
 
 
+@pytest.mark.full
 @pytest.mark.parametrize(
     ("name", "seed", "rate", "make"),
     [
@@ -212,6 +216,7 @@ def test_make_epoch_agrees_with_a_plain_training_loop():
     assert log.batch_loss.shape == (22,) and float(log.test_accuracy[-1]) == pytest.approx(acc, abs=1.5 / 359)
 
 
+@pytest.mark.full
 def test_progress_bars_and_figures(quick_run):
     # The progress bars (tqdm, on stderr) ran to the end for each optimizer.
     assert quick_run["stderr"].count("1/1 [") >= 5, quick_run["stderr"]
@@ -363,6 +368,7 @@ def test_every_rate_diverged():
 # ----------------------------------------------------------------------------- 1. optax.rmsprop and its preset
 
 
+@pytest.mark.full
 def test_the_optax_preset_reproduces_optax_rmsprop_run_by_run(quick_run):
     results = _per_optimizer(quick_run["csv"])
     ours, theirs = results["presets.optax (eps in root)"]["test_loss"], results["optax.rmsprop"]["test_loss"]
@@ -431,6 +437,7 @@ def _spike_rows(stdout: str) -> dict[str, re.Match[str]]:
     return rows
 
 
+@pytest.mark.full
 def test_the_spiked_weight_of_optax_rmsprop_never_moves_again(quick_run, spike_reference):
     ref = spike_reference
     after = ref["steps"] - ref["spike_at"] - 1
@@ -452,6 +459,7 @@ def test_the_spiked_weight_of_optax_rmsprop_never_moves_again(quick_run, spike_r
         assert float(row[key]) == pytest.approx(np.mean([ref[s, spiked]["loss"] for s in (0, 1)]), abs=2e-5)
 
 
+@pytest.mark.full
 def test_rmsprop_jax_saturates_S_and_the_weight_recovers_when_S_has_decayed(quick_run, spike_reference):
     ref = spike_reference
     after = ref["steps"] - ref["spike_at"] - 1
@@ -504,6 +512,7 @@ BF16_ROW = re.compile(
 )
 
 
+@pytest.mark.full
 def test_bytes_per_parameter_are_those_of_the_arrays_shapes(quick_run):
     rows = {m["name"]: m for m in BF16_ROW.finditer(quick_run["stdout"])}
     assert list(rows) == [
@@ -555,6 +564,7 @@ def _bf16_plain_runs(rounding: str | None, epochs: int) -> np.ndarray:
     return np.asarray(losses)
 
 
+@pytest.mark.full
 def test_bf16_final_losses_match_a_plain_training_loop(quick_run):
     rows = {m["name"]: m for m in BF16_ROW.finditer(quick_run["stdout"])}
     assert "cosine lr 0.003 to 0 over 44 steps, 2 seeds" in quick_run["stdout"]
@@ -577,6 +587,7 @@ RATE_ROW = re.compile(
 )
 
 
+@pytest.mark.full
 def test_effective_learning_rates_per_layer_from_the_final_state(quick_run):
     stdout = quick_run["stdout"]
     best = re.search(
@@ -628,6 +639,7 @@ def test_effective_learning_rates_per_layer_from_the_final_state(quick_run):
 # ----------------------------------------------------------------------------- 2d. the advice line
 
 
+@pytest.mark.full
 def test_one_line_of_advice_quotes_the_measured_numbers(quick_run):
     stdout = quick_run["stdout"]
     lines = [line for line in stdout.splitlines() if line.startswith("2d. ")]

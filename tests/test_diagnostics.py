@@ -17,7 +17,7 @@ from absl.testing import parameterized
 import rmsprop_jax
 from rmsprop_jax import _diagnostics
 from tests import reference
-from tests.helpers import awkward_tree
+from tests.helpers import awkward_tree, max_examples
 
 
 STEPS = 7
@@ -264,7 +264,7 @@ def test_inject_hyperparams_reads_the_current_values_from_the_state(jit):
     np.testing.assert_allclose(diag.per_element, 0.025 / np.sqrt(s + 1e-3), rtol=1e-5)
 
 
-@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.settings(max_examples=max_examples(40), deadline=None)
 @hypothesis.given(
     hnp.arrays(
         np.float32,

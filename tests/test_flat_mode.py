@@ -18,7 +18,7 @@ from absl.testing import parameterized
 import rmsprop_jax
 from rmsprop_jax import _flat_mode
 from tests import reference
-from tests.test_flat import assert_ulp, mixed_tree
+from tests.test_flat_layout import assert_ulp, mixed_tree
 
 
 STEPS = 12

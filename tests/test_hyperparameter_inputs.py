@@ -23,6 +23,7 @@ import pytest
 from hypothesis import event, given, settings, strategies as st
 
 import rmsprop_jax
+from tests.helpers import max_examples
 
 
 NAN, INF = float("nan"), float("inf")
@@ -144,7 +145,7 @@ def in_documented_range(seen: dict[str, Any], dtype: Any) -> bool:
     return not (eps > 0.0 and float(np.asarray(eps).astype(state)) == 0.0)
 
 
-@settings(max_examples=80, deadline=None, derandomize=True)
+@settings(max_examples=max_examples(80), deadline=None, derandomize=True)
 @given(data=st.data())
 def test_every_real_scalar_kind_is_accepted_or_refused_truly(data):
     name = data.draw(st.sampled_from(sorted(VALUES)), label="hyperparameter")

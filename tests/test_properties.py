@@ -10,9 +10,10 @@ from hypothesis import given, settings, strategies as st
 
 import rmsprop_jax
 from tests import reference
+from tests.helpers import max_examples
 
 
-_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+_SETTINGS = settings(max_examples=max_examples(40), deadline=None, derandomize=True)
 
 
 @st.composite
@@ -179,7 +180,7 @@ def _as_f64(x):
     return x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=max_examples(40), deadline=None, derandomize=True)
 @given(config=configs(), mode=st.sampled_from(["propagate", "skip", "zero"]), seed=st.integers(0, 2**31 - 1))
 def test_random_pytrees_match_reference_and_keep_their_structure(config, mode, seed):
     """Nested dicts, lists and tuples with 0-d, zero-size, None, 16-bit and complex leaves."""

@@ -19,6 +19,7 @@ from absl.testing import parameterized
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from rmsprop_jax import _quantize as q, _stochastic_rounding as sr
+from tests.helpers import max_examples
 
 
 TOP = 1.9375
@@ -178,7 +179,7 @@ _NONNEGATIVE = hnp.arrays(
 )
 
 
-@hypothesis.settings(max_examples=50, deadline=None)
+@hypothesis.settings(max_examples=max_examples(50), deadline=None)
 @hypothesis.given(
     x=_NONNEGATIVE,
     block=st.sampled_from([1, 16]),
@@ -191,7 +192,7 @@ def test_no_positive_value_decodes_to_zero(x, block, stochastic):
     assert np.all(np.isfinite(got)) and np.all(got >= 0)
 
 
-@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.settings(max_examples=max_examples(40), deadline=None)
 @hypothesis.given(
     x=hnp.arrays(
         np.float32,
@@ -452,7 +453,7 @@ class AdaptiveWidthTest(chex.TestCase):
         np.testing.assert_array_equal(np.asarray(bottom), want_bottom)
 
 
-@hypothesis.settings(max_examples=50, deadline=None)
+@hypothesis.settings(max_examples=max_examples(50), deadline=None)
 @hypothesis.given(
     x=_NONNEGATIVE,
     fraction=st.floats(0.0, 1.0),
