@@ -124,7 +124,7 @@ def _init_leaf(plan: Plan, buffer: Buffer, param: ParamLike, path: KeyPath, valu
         if buffer is not Buffer.NU and np.dtype(dtype).kind == "c":
             raise TypeError(
                 f"state_dtype={storage.coded!r} cannot hold the momentum or centered buffers of the complex "
-                f"parameter params{_tree.path_str(path)} (8-bit and 4-bit codes are real); use state_dtype=None, "
+                f"parameter params{_tree.path_str(path)} (8-bit codes are real); use state_dtype=None, "
                 "'float32' or 'float64' for complex parameters."
             )
         return _codecs.coded_codec(buffer, storage, shape=shape).init(param, value)
