@@ -53,7 +53,7 @@ def test_flags_must_be_bools(flag):
     [
         ({"decay": 2.0}, "decay=2.0 is outside the allowed range"),
         ({"eps": -1.0}, "eps=-1.0 is outside the allowed range"),
-        ({"state_dtype": "int4"}, "state_dtype='int4' is not supported"),
+        ({"state_dtype": "int2"}, "state_dtype='int2' is not supported"),
     ],
 )
 def test_scale_by_rms_construction_errors(kwargs, message):
