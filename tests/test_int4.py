@@ -434,6 +434,22 @@ def test_decode_state_and_effective_learning_rate() -> None:
     np.testing.assert_allclose(r, 1e-2 / (np.sqrt(v) + 1e-8), rtol=1e-5)
 
 
+@pytest.mark.parametrize("initial_scale", [0.0, 1.0, 0.37])
+def test_init_decodes_to_initial_scale_and_first_step_matches_the_reference(initial_scale) -> None:
+    # A fresh S is initial_scale exactly (TF1 starts from 1.0), not a code of it; the first step then
+    # reads rho * S_0 + (1 - rho) g^2 through the reference code map.
+    shape = (4, 256)
+    params = {"w": jnp.zeros(shape, jnp.float32)}
+    opt = _int4_opt(decay=0.9, initial_scale=initial_scale, stochastic_rounding=False)
+    state = opt.init(params)
+    fresh = np.asarray(rmsprop_jax.decode_state(state).nu["w"])
+    np.testing.assert_array_equal(fresh, np.full(shape, initial_scale, np.float32))
+    g = _grads(shape, 1)
+    state = opt.update({"w": jnp.asarray(g)}, state)[1]
+    exact = 0.9 * np.float32(initial_scale) + np.float32(0.1) * np.asarray(g, np.float32) ** 2
+    np.testing.assert_allclose(np.asarray(rmsprop_jax.decode_state(state).nu["w"]), _ref_nearest(exact, 128), rtol=1e-6)
+
+
 def test_odd_last_axis_falls_back_to_8bit_s() -> None:
     opt = _int4_opt(momentum=0.9)
     params = {"odd": jnp.ones((5, 12)), "vec": jnp.ones((4100,)), "even": jnp.ones((3, 16))}
