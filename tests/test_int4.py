@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import rmsprop_jax
 from rmsprop_jax import _int4, _stochastic_rounding as sr
+from tests.helpers import max_examples
 
 
 F32 = np.float32
@@ -116,15 +117,19 @@ def test_nearest_rounding_matches_the_reference(block_size: int) -> None:
     np.testing.assert_array_equal(_encode_decode(s, block_size), _ref_nearest(s, block_size))
 
 
-@hypothesis.settings(max_examples=60, deadline=None)
+# Shapes whose last axis holds whole 32-bit words of eight codes, ranks 1-3.
+_WORD_SHAPES = st.builds(
+    lambda lead, m: (*lead, 8 * m),
+    hnp.array_shapes(min_dims=0, max_dims=2, min_side=1, max_side=4),
+    st.integers(1, 3),
+)
+
+
+@hypothesis.settings(max_examples=max_examples(60), deadline=None)
 @hypothesis.given(
     s=hnp.arrays(
         np.float32,
-        st.builds(
-            lambda lead, m: (*lead, 8 * m),
-            hnp.array_shapes(min_dims=0, max_dims=2, min_side=1, max_side=4),
-            st.integers(1, 3),
-        ),
+        _WORD_SHAPES,
         elements=st.one_of(st.just(0.0), st.floats(2.0**-100, 2.0**100, width=32)),
     ),
     block_size=st.sampled_from([3, 4, 5, 128]),
@@ -146,15 +151,11 @@ def test_a_constant_block_decodes_exactly(value: float) -> None:
 # ----------------------------------------------------------------------------- packing
 
 
-@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.settings(max_examples=max_examples(60), deadline=None)
 @hypothesis.given(
     codes=hnp.arrays(
         np.int32,
-        st.builds(
-            lambda lead, m: (*lead, 8 * m),
-            hnp.array_shapes(min_dims=0, max_dims=2, min_side=1, max_side=4),
-            st.integers(1, 3),
-        ),
+        _WORD_SHAPES,
         elements=st.integers(0, 15),
     )
 )
