@@ -279,6 +279,78 @@ def rms_normalize(
     store_nu: "Store | None" = None,
     store_mu: "Store | None" = None,
 ) -> tuple[jax.Array, object, object]:
+    """One second-moment step for one leaf: :func:`_normalize`, with one derivative rule for the whole
+    step where ``S`` is a plain real average (:func:`_plain_normalize`)."""
+    if mu is None and store_nu is None and s.debias is None and not jnp.iscomplexobj(g):
+        u, nu_new = _plain_normalize(opts, nu_max, g, nu, s.decay, s.one_minus_decay, s.root_bound, s.eps)
+        return u, nu_new, None
+    return _normalize(g, nu, mu, s, opts, nu_max, store_nu, store_mu)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _plain_normalize(
+    opts: RmsOptions,
+    nu_max: float,
+    g: jax.Array,
+    nu: jax.Array,
+    decay: jax.Array,
+    one_minus_decay: jax.Array,
+    root_bound: jax.Array,
+    eps: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`_normalize` without centering, bias correction or lossy storage, for a real ``g``: ``(u, S_t)``.
+
+    Its derivative is that of the composed rules (a saturated ``S`` has none, the root's is 0
+    at 0, a maximum's is the operand it picks), written once: autodiff of the pieces leaves
+    XLA a select per rule, and each select's operands recomputed in every backward fusion
+    that reads it (twice the compile time of a meta-gradient).
+    """
+    s = StepScalars(decay, one_minus_decay, eps, None, root_bound, root_bound)  # no centered bound read
+    u, nu_new, _ = _normalize(g, nu, None, s, opts, nu_max)
+    assert isinstance(nu_new, jax.Array)
+    return u, nu_new
+
+
+@_plain_normalize.defjvp
+def _plain_normalize_jvp(
+    opts: RmsOptions, nu_max: float, primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    g, nu, d, omd, rb, eps = primals
+    dg, dnu, dd, domd, _, deps = tangents  # root_bound is sqrt(1 - decay): its derivative comes from domd
+    parts: dict[str, jax.Array] = {}
+    s = StepScalars(d, omd, eps, None, rb, rb)
+    u, nu_new, _ = _normalize(g, nu, None, s, opts, nu_max, parts=parts)
+    assert isinstance(nu_new, jax.Array)
+    zero = jnp.zeros_like(nu)
+    root_picked = parts["root"] >= parts["bound"]
+    den, total = parts["den"], parts["total"]  # the larger of the root and the bound; with eps
+    inv = 1 / total
+    if opts.eps_may_be_zero:
+        inv = where(total > 0, inv, zero)
+    # -du per unit of d(den) = d(S or bound^2) / (2 den), 0 at a zero root: the limit, not inf * 0. One
+    # array, so that the nearly cancelling terms of dg's coefficient round alike in forward and reverse mode.
+    q_half = where(den > 0, (inv * u) * (0.5 / den), zero)
+    # d((1 - rho) g^2), all of dS_t where the bound sqrt(1 - rho) |g| is used: d(bound) = that / (2 bound).
+    own = (2 * omd * g) * dg + domd * (g * g)
+    # Where S saturated it has no derivative.
+    dnu_new = where(nu_new < jnp.asarray(nu_max, nu.dtype), own + (d * dnu + dd * nu), zero)
+    du = inv * dg - q_half * where(root_picked, dnu_new + deps if opts.eps_in_sqrt else dnu_new, own)
+    if not opts.eps_in_sqrt:
+        du = du - (inv * u) * deps
+    return (u, nu_new), (du, dnu_new)
+
+
+def _normalize(
+    g: jax.Array,
+    nu: jax.Array,
+    mu: jax.Array | None,
+    s: StepScalars,
+    opts: RmsOptions,
+    nu_max: float,
+    store_nu: "Store | None" = None,
+    store_mu: "Store | None" = None,
+    parts: dict[str, jax.Array] | None = None,
+) -> tuple[jax.Array, object, object]:
     """One second-moment step for one leaf.
 
     Returns ``(u, nu_new, mu_new)`` with ``u = g / den``, where ``den`` is
@@ -305,6 +377,9 @@ def rms_normalize(
     folded constants; the value passed in is then dead code.) Rounding may leave the
     stored ``S`` below ``(1 - rho) |g|^2``, so the lower bound of the root is then
     applied everywhere.
+
+    ``parts``, when given (:func:`_plain_normalize`'s derivative), receives the root, the bound
+    it is compared with, their maximum and the denominator (eps included).
     """
     ct = np.dtype(nu.dtype)
     d, omd, b = s.decay, s.one_minus_decay, s.debias
@@ -365,7 +440,10 @@ def rms_normalize(
         else:
             # max(den, bound or 0) equals where(special, max(den, bound), den) for den, bound >= 0,
             # and reads den once: XLA then fuses S and the step into one loop (see _flat_mode.py).
-            den = maximum(den, where(special, bound, jnp.zeros_like(bound)))
+            picked = where(special, bound, jnp.zeros_like(bound))
+            if parts is not None:  # for _plain_normalize's derivative
+                parts.update(root=den, bound=picked)
+            den = maximum(den, picked)
     else:
         x = nu_new
         if mu_new is not None:
@@ -377,8 +455,11 @@ def rms_normalize(
             bound,
         )
         den = safe if special is None else where(special, safe, den)
+    total = add_eps(den, s.eps, opts.eps_in_sqrt)
+    if parts is not None:
+        parts.update(den=den, total=total)
     # With eps = 0 a zero gradient on a zero average is 0/0; its step is defined as 0.
-    return quotient(g, add_eps(den, s.eps, opts.eps_in_sqrt), opts.eps_may_be_zero), nu_out, mu_out
+    return quotient(g, total, opts.eps_may_be_zero), nu_out, mu_out
 
 
 Store = Callable[[jax.Array], tuple[object, jax.Array]]
