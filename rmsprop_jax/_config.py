@@ -211,8 +211,20 @@ def _parse_state_dtype(state_dtype: Any) -> tuple[str | None, np.dtype | None]:
         ) from None
 
 
+class _Traced:
+    """Stands for a traced hyperparameter in a plan that must be hashable (its value is passed beside it)."""
+
+    def __repr__(self) -> str:
+        return "<traced>"
+
+
+TRACED = _Traced()
+
+
 def _known(value: Any) -> float | None:
-    """A hyperparameter's concrete value, or None (traced, or a schedule)."""
+    """A hyperparameter's concrete value, or None (traced, a placeholder for a traced one, or a schedule)."""
+    if value is TRACED:
+        return None
     v = _validation.concrete(value)
     return None if v is None else float(v)
 

@@ -33,7 +33,7 @@ from rmsprop_jax import (
     _validation,
 )
 from rmsprop_jax._codecs import Buffer, Codec, StepContext, Storage, codec_of
-from rmsprop_jax._config import Plan
+from rmsprop_jax._config import TRACED, Plan
 from rmsprop_jax._kernel import StepScalars
 from rmsprop_jax._stochastic_rounding import Layout
 from rmsprop_jax._storage import Leaf
@@ -205,8 +205,8 @@ def update(
     stochastic = plan.storage.stochastic
     step = functools.partial(leaf_step, plan)
     if not stochastic:  # jitted: equal leaves are then traced once
-        with contextlib.suppress(TypeError):  # unhashable: array-valued hyperparameters (optax.inject_hyperparams)
-            step = _jitted_leaf_step(plan)
+        with contextlib.suppress(TypeError):  # unhashable: NumPy or concrete jax arrays as hyperparameters
+            step = _jitted_leaf_step(_leaf_plan(plan))
     outs: list[LeafOutputs] = []
     screened = iter(gs)
     for i, (here, p, nu, mu, b, lay, c) in enumerate(zip(present, ps, nus, mus, bufs, layouts, codecs, strict=True)):
@@ -331,6 +331,16 @@ class LeafOutputs(NamedTuple):
     trace: Leaf | None
 
 
+def _leaf_plan(plan: Plan) -> Plan:
+    """``plan`` with its traced hyperparameters (``jax.jit``, ``optax.inject_hyperparams``) replaced by ``TRACED``.
+
+    The leaf step reads their values from its :class:`StepScalars` argument only (the plan
+    says just whether eps is known), so the placeholder leaves it the same and hashable.
+    """
+    traced = {k: TRACED for k, v in plan.hyperparameters().items() if isinstance(v, Tracer)}
+    return plan.replace(**traced) if traced else plan
+
+
 @functools.lru_cache(maxsize=32)
 def _jitted_leaf_step(plan: Plan) -> Callable[..., LeafOutputs]:
     """:func:`leaf_step` for ``plan``, jitted (the leaf's static facts static).
@@ -338,7 +348,8 @@ def _jitted_leaf_step(plan: Plan) -> Callable[..., LeafOutputs]:
     Compile time grows with the number of leaves; tracing each one anew was about half of
     it. XLA inlines the calls, so the compiled step is the same. Not with stochastic
     rounding, whose random streams depend on the leaf's position, nor for a plan holding
-    traced hyperparameters, which cannot be hashed.
+    concrete array hyperparameters, which cannot be hashed (traced ones are replaced by
+    placeholders: :func:`_leaf_plan`).
     """
     return jax.jit(functools.partial(leaf_step, plan), static_argnums=(0,))
 
@@ -435,7 +446,7 @@ def compiled(plan: Plan) -> Callable[..., Any]:
     if any(isinstance(v, Tracer) for v in hyperparameters.values()):
         return step
     arrays = {k: v for k, v in hyperparameters.items() if isinstance(v, jax.Array)}
-    placeholders: dict[str, Any] = dict.fromkeys(arrays, _TRACED)
+    placeholders: dict[str, Any] = dict.fromkeys(arrays, TRACED)
     if "weight_decay" in arrays and plan.descent is not None and not plan.descent.use_weight_decay:
         placeholders["weight_decay"] = 0.0  # 0: no weight decay, as the value says
         del arrays["weight_decay"]
@@ -454,19 +465,9 @@ def _static(value: object) -> bool:
     return value is None or callable(value) or isinstance(value, bool | int | float | np.ndarray | np.generic)
 
 
-class _Traced:
-    """Stands for a hyperparameter that is passed to the jitted step as an array."""
-
-    def __repr__(self) -> str:
-        return "<traced>"
-
-
-_TRACED = _Traced()
-
-
 @functools.lru_cache(maxsize=64)
 def _with_array_hyperparameters(skeleton: Plan) -> Callable[..., Any]:
-    """The jitted update for plans equal to ``skeleton`` up to its ``_TRACED`` hyperparameters."""
+    """The jitted update for plans equal to ``skeleton`` up to its ``TRACED`` hyperparameters."""
 
     def run(arrays: dict[str, jax.Array], *args: Any, specs: Any = None) -> Any:
         return update(skeleton.replace(**arrays), *args, specs=specs)
