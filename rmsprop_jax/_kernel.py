@@ -280,11 +280,21 @@ def rms_normalize(
     store_mu: "Store | None" = None,
 ) -> tuple[jax.Array, object, object]:
     """One second-moment step for one leaf: :func:`_normalize`, with one derivative rule for the whole
-    step where ``S`` is a plain real average (:func:`_plain_normalize`)."""
-    if mu is None and store_nu is None and s.debias is None and not jnp.iscomplexobj(g):
-        u, nu_new = _plain_normalize(opts, nu_max, g, nu, s.decay, s.one_minus_decay, s.root_bound, s.eps)
-        return u, nu_new, None
+    step where ``S`` (and ``m``) are plain real averages (:func:`_plain_normalize`, :func:`_centered_normalize`)."""
+    if store_nu is None and store_mu is None and s.debias is None and not jnp.iscomplexobj(g):
+        if mu is None:
+            u, nu_new = _plain_normalize(opts, nu_max, g, nu, s.decay, s.one_minus_decay, s.root_bound, s.eps)
+            return u, nu_new, None
+        return _centered_normalize(opts, nu_max, g, nu, mu, s.decay, s.one_minus_decay, s.centered_bound, s.eps)
     return _normalize(g, nu, mu, s, opts, nu_max, store_nu, store_mu)
+
+
+def _masked_quotient(mask: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
+    """``x / y`` where ``mask``, else 0. A derivative's coefficient as a division, which XLA computes once
+    and stores rather than copy into each fused loop that reads it: a backward pass then reads one
+    array where it recomputed the masks, the bound and the root in every loop (a meta-gradient
+    compiles in 3/4 of the time)."""
+    return where(mask, x, jnp.zeros_like(x)) / where(mask, y, jnp.ones_like(y))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -331,11 +341,8 @@ def _plain_normalize_jvp(
 
     def per_d_den(mask: jax.Array) -> jax.Array:
         """-du per unit of d(den) = d(S or bound^2) / (2 den) where ``mask``, else 0; 0 at a zero root: the limit,
-        not inf * 0. It ends in a division, which XLA computes once and stores rather than copy into
-        each fused loop that reads it: the backward pass then reads one array where it recomputed
-        the masks, the bound and the root in every loop (a meta-gradient compiles in 3/4 of the time)."""
-        mask = mask & (den > 0)
-        return where(mask, (inv * u) * 0.5, zero) / where(mask, den, jnp.ones_like(den))
+        not inf * 0."""
+        return _masked_quotient(mask & (den > 0), (inv * u) * 0.5, den)
 
     # d((1 - rho) g^2), all of dS_t where the bound sqrt(1 - rho) |g| is used: d(bound) = that / (2 bound).
     own = (2 * omd * g) * dg + domd * (g * g)
@@ -349,6 +356,69 @@ def _plain_normalize_jvp(
     else:
         du = du - (inv * u) * deps
     return (u, nu_new), (du, dnu_new)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _centered_normalize(
+    opts: RmsOptions,
+    nu_max: float,
+    g: jax.Array,
+    nu: jax.Array,
+    mu: jax.Array,
+    decay: jax.Array,
+    one_minus_decay: jax.Array,
+    centered_bound: jax.Array,
+    eps: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`_normalize`, centered, without bias correction or lossy storage, for a real ``g``: ``(u, S_t, m_t)``.
+
+    Its derivative is that of the composed rules, written once, as :func:`_plain_normalize`'s.
+    """
+    s = StepScalars(decay, one_minus_decay, eps, None, centered_bound, centered_bound)  # no plain bound read
+    u, nu_new, mu_new = _normalize(g, nu, mu, s, opts, nu_max)
+    assert isinstance(nu_new, jax.Array) and isinstance(mu_new, jax.Array)
+    return u, nu_new, mu_new
+
+
+@_centered_normalize.defjvp
+def _centered_normalize_jvp(
+    opts: RmsOptions, nu_max: float, primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    g, nu, mu, d, omd, cb, eps = primals
+    dg, dnu, dmu, dd, domd, dcb, deps = tangents
+    parts: dict[str, jax.Array] = {}
+    u, nu_new, mu_new = _normalize(g, nu, mu, StepScalars(d, omd, eps, None, cb, cb), opts, nu_max, parts=parts)
+    assert isinstance(nu_new, jax.Array) and isinstance(mu_new, jax.Array)
+    ct = np.dtype(nu.dtype)
+    zero = jnp.zeros_like(nu)
+    root, total, picked = parts["root"], parts["total"], parts["bound"]
+    root_picked = root >= picked
+    saturated = nu_new >= jnp.asarray(nu_max, ct)
+    # Where S saturated it has no derivative; m is scaled down by a power of two there.
+    dnu_new = where(nu_new < jnp.asarray(nu_max, ct), ((2 * omd * g) * dg + domd * (g * g)) + (d * dnu + dd * nu), zero)
+    dm = (d * dmu + dd * mu) + (omd * dg + domd * g)  # m_t's, also where the bound recovers it from the scaled value
+    # The factor as a division (exact: 1 over a power of two), which XLA stores: see _masked_quotient.
+    one = jnp.ones_like(nu)
+    dmu_new = (one / where(saturated, jnp.asarray(1 / _shrink(ct, nu_max), ct), one)) * dm
+    # The quotient's: du = (dg - u d(total)) / total, 0 where total = 0 (eps = 0 at a zero gradient).
+    pos = total > 0
+    inv = where(pos, 1 / total, zero) if opts.eps_may_be_zero else 1 / total
+    # d(total) = d(root) (+ deps); the root's: d(var (+ eps)) / (2 root), 0 at a zero root; the
+    # variance's: dS - 2 m dm where S - m^2 >= 0, else 0 (its maximum with 0).
+    k_root = root_picked & (root > 0)
+    k_var = _masked_quotient(k_root & (nu_new - mu_new * mu_new >= 0), (inv * u) * 0.5, root)
+    du = inv * dg - k_var * (dnu_new - (2 * mu_new) * dmu_new)
+    if opts.eps_in_sqrt:
+        du = du - _masked_quotient(k_root, (inv * u) * 0.5, root) * deps
+    else:
+        du = du - (inv * u) * deps
+    # Where the bound is picked: d(cb |g - m|), m recovered where S saturated.
+    m = where(saturated, scale(jnp.asarray(1 / _shrink(ct, nu_max), ct), mu_new), mu_new)
+    on_bound = ~root_picked & parts["special"] & pos if opts.eps_may_be_zero else ~root_picked & parts["special"]
+    k_mag = _masked_quotient(on_bound, u * magnitude(g - m), total)
+    k_sign = _masked_quotient(on_bound, u * (cb * jnp.sign(g - m)), total)
+    du = du - k_mag * dcb - k_sign * (dg - dm)
+    return (u, nu_new, mu_new), (du, dnu_new, dmu_new)
 
 
 def _normalize(
@@ -389,8 +459,9 @@ def _normalize(
     stored ``S`` below ``(1 - rho) |g|^2``, so the lower bound of the root is then
     applied everywhere.
 
-    ``parts``, when given (:func:`_plain_normalize`'s derivative), receives the root, the bound
-    it is compared with, their maximum and the denominator (eps included).
+    ``parts``, when given (the derivatives of :func:`_plain_normalize` and :func:`_centered_normalize`),
+    receives the root, the bound it is compared with, where the bound applies, their maximum and the
+    denominator (eps included).
     """
     ct = np.dtype(nu.dtype)
     d, omd, b = s.decay, s.one_minus_decay, s.debias
@@ -452,8 +523,8 @@ def _normalize(
             # max(den, bound or 0) equals where(special, max(den, bound), den) for den, bound >= 0,
             # and reads den once: XLA then fuses S and the step into one loop (see _flat_mode.py).
             picked = where(special, bound, jnp.zeros_like(bound))
-            if parts is not None:  # for _plain_normalize's derivative
-                parts.update(root=den, bound=picked)
+            if parts is not None:  # for the derivatives of _plain_normalize and _centered_normalize
+                parts.update(root=den, bound=picked, special=special)
             den = maximum(den, picked)
     else:
         x = nu_new
