@@ -10,6 +10,12 @@ COV ?= --cov=rmsprop_jax --cov-report=term-missing:skip-covered --cov-fail-under
 # Both cores, each test file on one worker (tests in a file share fixtures and ports);
 # `make pytest XDIST=` runs in one process.
 XDIST ?= -n 2 --dist loadfile
+# XLA's compiled programs are kept between test runs in JAX's persistent compilation cache,
+# keyed by the program, the compiler options and the jax version: a later run compiles only
+# what a change touched, with the same bytes. `JAX_CACHE=` turns it off; at most 2 GB.
+JAX_CACHE ?= $(CURDIR)/.cache/jax
+TEST_ENV = $(if $(JAX_CACHE),JAX_COMPILATION_CACHE_DIR=$(JAX_CACHE) JAX_COMPILATION_CACHE_MAX_SIZE=2000000000 \
+	JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0)
 
 .PHONY: demo bench notebooks docs test pytest test-fast mutation test-min test-min-all lint format typecheck clean
 
@@ -53,14 +59,14 @@ docs: $(VENV)/.installed-docs
 test: lint typecheck docs pytest test-min
 
 pytest: $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(XDIST) $(COV) $(ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest $(XDIST) $(COV) $(ARGS)
 
 # A sample of every test file (tests/conftest.py --sample): at most SAMPLE cases of each
 # parametrized test (the first, the last and evenly between), no test marked `full`, five
 # examples per property test: a first answer in about two minutes.
 SAMPLE ?= 2
 test-fast: $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(XDIST) -q --sample $(SAMPLE) $(ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest $(XDIST) -q --sample $(SAMPLE) $(ARGS)
 
 # Mutation testing (tools/mutation.py): MUTANTS seeded mutants of the MUTATE modules, each in a
 # throwaway copy of the tree, through test-fast's sample and, if it survives, the full suite.
@@ -68,7 +74,7 @@ MUTATE ?= rmsprop_jax/_kernel.py rmsprop_jax/_codecs.py rmsprop_jax/_step.py
 MUTANTS ?= 30
 SEED ?= 0
 mutation: $(VENV)/.installed-test
-	$(BIN)/python tools/mutation.py $(MUTATE) -n $(MUTANTS) --seed $(SEED) --sample $(SAMPLE) $(ARGS)
+	$(TEST_ENV) $(BIN)/python tools/mutation.py $(MUTATE) -n $(MUTANTS) --seed $(SEED) --sample $(SAMPLE) $(ARGS)
 
 # The declared floors: .venv-min gets the lowest Python and every dependency at the lowest
 # version pyproject.toml allows (tools/min_constraints.py). `make test-min` runs there the
@@ -115,5 +121,5 @@ typecheck: $(VENV)/.installed-test
 	$(BIN)/pyright
 
 clean:
-	rm -rf $(VENV) $(VENV_MIN) .pytest_cache .ruff_cache .hypothesis .coverage docs/_build docs/_autosummary docs/notebooks
+	rm -rf $(VENV) $(VENV_MIN) .cache .pytest_cache .ruff_cache .hypothesis .coverage docs/_build docs/_autosummary docs/notebooks
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
