@@ -5,7 +5,7 @@ for each workload: median and spread of the step time, parameters per second,
 effective bandwidth (20 bytes per float32 parameter: read g, S, θ; write S, θ),
 percent of the measured in-place triad ceiling, and ratios against donated
 ``optax.rmsprop`` and ``torch.optim.RMSprop(foreach=True)`` computed round by round.
-Also: compile time against leaf count, optimizer-state bytes and extra memory per
+Also: compile time against leaf count and of a meta-gradient, optimizer-state bytes and extra memory per
 step, and one full training step of the digits MLP. Results go to
 ``benchmarks/results/<date>-<mode>.json``; ``--markdown FILE`` writes the tables.
 
@@ -265,6 +265,74 @@ def _ops_per_leaf(lib: str) -> float:
     return (hlo_ops(11) - hlo_ops(1)) / 10
 
 
+_META_LIBS = ("optax", "ours", "optax_cm", "ours_cm")
+META_LEAVES, META_STEPS = 40, 5
+
+
+def meta_probe(lib: str) -> dict[str, Any]:
+    """Trace + lower and compile times of a meta-gradient: ``jax.jit(jax.grad(...))`` of the loss
+    after ``META_STEPS`` unrolled steps with respect to the learning rate and the decay (traced),
+    on ``META_LEAVES`` leaves of 8x8. The same math on both sides (eps outside the root)."""
+    import optax
+
+    kw = {"centered": True, "momentum": 0.9} if lib.endswith("_cm") else {}
+    keys = jax.random.split(jax.random.key(0), META_LEAVES)
+    params = {f"w{i:02d}": jax.random.normal(k, (8, 8)) for i, k in enumerate(keys)}
+
+    def loss(p: Any) -> jax.Array:
+        return sum((jnp.sum((x - 0.5) ** 2) for x in jax.tree.leaves(p)), jnp.float32(0))
+
+    def meta_loss(hp: tuple[jax.Array, jax.Array], p: Any) -> jax.Array:
+        lr, decay = hp
+        if lib.startswith("optax"):
+            opt = optax.rmsprop(lr, decay=decay, eps=C.EPS, eps_in_sqrt=False, **kw)
+        else:
+            opt = rmsprop_jax.rmsprop(lr, decay=decay, eps=C.EPS, **kw)
+        state = opt.init(p)
+        for _ in range(META_STEPS):
+            u, state = opt.update(jax.grad(loss)(p), state, p)
+            p = optax.apply_updates(p, u)
+        return loss(p)
+
+    fn = jax.jit(jax.grad(meta_loss))
+    hp = (jnp.float32(C.LR), jnp.float32(0.9))
+    t0 = time.perf_counter()
+    lowered = fn.lower(hp, params)
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2 = time.perf_counter()
+    return {"lib": lib, "lower_s": t1 - t0, "compile_s": t2 - t1, "total_s": t2 - t0}
+
+
+def meta_workload(rounds: int) -> dict[str, Any]:
+    log(
+        f"\n== compile time of a meta-gradient: jit(grad(loss after {META_STEPS} unrolled steps)) with respect to "
+        f"the learning rate and the decay, {META_LEAVES} leaves of 8x8 (median of {rounds} interleaved rounds, "
+        "each probe in a fresh process)"
+    )
+    runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in _META_LIBS}
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for _ in range(rounds):
+        for lib in _META_LIBS:
+            cmd = [sys.executable, "-m", "benchmarks.run", "--meta-probe", lib]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=True)
+            runs[lib].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    rows = []
+    for lib, rs in runs.items():
+        r: dict[str, Any] = {
+            "lib": lib,
+            **{k: float(np.median([x[k] for x in rs])) for k in ("lower_s", "compile_s", "total_s")},
+        }
+        if not lib.startswith("optax"):
+            base = runs["optax_cm" if lib.endswith("_cm") else "optax"]
+            # Round by round: both probes of a round ran under the same load.
+            r["vs_optax"] = float(np.median([a["total_s"] / b["total_s"] for a, b in zip(rs, base, strict=True)]))
+        rows.append(r)
+        ratio = f"  {r['vs_optax']:.2f}x optax's" if "vs_optax" in r else ""
+        log(f"  {lib:9s} lower {r['lower_s']:.2f} s  compile {r['compile_s']:.2f} s  total {r['total_s']:.2f} s{ratio}")
+    return {"rows": rows, "rounds": rounds}
+
+
 def compile_workload(leaf_counts: list[int], timeout: float | None, rounds: int = 1) -> dict[str, Any]:
     log(
         f"\n== compile time of one optimizer step against leaf count (leaves of 32x32 float32; cap {timeout} s; "
@@ -366,6 +434,21 @@ def markdown(results: dict[str, Any]) -> str:
             ops = next((x["ops_per_leaf"] for x in comp["rows"] if x["lib"] == lib and "ops_per_leaf" in x), None)
             lines.append(f"| {lib} | " + " | ".join(cells) + f" | {'' if ops is None else f'{ops:.0f}'} |")
         lines.append("")
+    mg = results.get("metagrad")
+    if mg:
+        lines += [
+            f"**Compile time of a meta-gradient** (`jit(grad(...))` through {META_STEPS} unrolled steps, "
+            f"{META_LEAVES} leaves of 8x8; trace + lower + compile)",
+            "",
+            "| contender | lower | compile | total | vs optax |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in mg["rows"]:
+            ratio = f"{r['vs_optax']:.2f}x" if "vs_optax" in r else ""
+            lines.append(
+                f"| {r['lib']} | {r['lower_s']:.2f} s | {r['compile_s']:.2f} s | {r['total_s']:.2f} s | {ratio} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -376,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=None, help="interleaved rounds per workload (default 15; quick 5)"
     )
     parser.add_argument(
-        "--only", default=None, help="comma-separated workloads: ceiling,arrays,leaves,transformer,mlp,compile"
+        "--only", default=None, help="comma-separated workloads: ceiling,arrays,leaves,transformer,mlp,compile,metagrad"
     )
     parser.add_argument(
         "--out", type=pathlib.Path, default=None, help="JSON path (default benchmarks/results/<date>-<mode>.json)"
@@ -385,15 +468,19 @@ def main(argv: list[str] | None = None) -> int:
         "--markdown", type=pathlib.Path, default=None, help="also write the summary tables to this file"
     )
     parser.add_argument("--compile-probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--meta-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.meta_probe:
+        print(json.dumps(meta_probe(args.meta_probe)))
+        return 0
     if args.compile_probe:
         lib, n = args.compile_probe.split(":")
         print(json.dumps(compile_probe(lib, int(n))))
         return 0
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be >= 1; got {args.rounds}")
-    allowed = {"ceiling", "arrays", "leaves", "transformer", "mlp", "compile"}
+    allowed = {"ceiling", "arrays", "leaves", "transformer", "mlp", "compile", "metagrad"}
     only = set(allowed if args.only is None else args.only.split(","))
     if not only <= allowed:
         parser.error(f"--only: unknown workload(s) {sorted(only - allowed)}; allowed: {', '.join(sorted(allowed))}")
@@ -454,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     if "compile" in only:
         counts = [10, 100] if quick else [10, 100, 300, 1000]
         results["compile"] = compile_workload(counts, 60.0 if quick else 240.0, rounds=1 if quick else 3)
+    if "metagrad" in only and not (quick and args.only is None):  # a minute: not in the quick default
+        results["metagrad"] = meta_workload(rounds=1 if quick else 3)
 
     meta["loadavg_end"] = H.loadavg()
     meta["wall_s"] = time.perf_counter() - t_start
