@@ -18,15 +18,19 @@ file, and a table is printed::
 
 import argparse
 import ast
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
+import queue
 import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -273,6 +277,7 @@ def main() -> int:
     ap.add_argument("--full", help="the full suite's command (default: pytest -x, as make pytest); '' skips it")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per fast-tier run (full: 3x)")
     ap.add_argument("--out", default="mutation.json", help="the JSON record (rewritten after each mutant)")
+    ap.add_argument("--jobs", type=int, default=2, help="fast-tier runs at a time, each in its own copy (default 2)")
     ap.add_argument("--list", action="store_true", help="print the sampled mutants and exit")
     ap.add_argument("--skip-baseline", action="store_true", help="do not check first that the fast tier passes")
     args = ap.parse_args()
@@ -289,37 +294,57 @@ def main() -> int:
     full = args.full.split() if args.full is not None else [*PYTEST, *XDIST, *files]
     record: dict[str, Any] = {"modules": args.modules, "n": args.n, "seed": args.seed}
     record.update(fast=" ".join(fast), full=" ".join(full), mutants=[])
-    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
-        work = Path(tmp)
-        copy_tree(work)
+    record["mutants"] = [{"mutant": m.name, **dataclasses.asdict(m)} for m in mutants]
+    lock = threading.Lock()
+
+    def verdict(tier: str, cmd: list[str], timeout: float, i: int, work: Path) -> None:
+        m, entry = mutants[i], record["mutants"][i]
+        target = work / m.path
+        original = target.read_text()
+        target.write_text(apply(original, m))
+        try:
+            status, seconds, tail = run(cmd, work, timeout)
+        finally:
+            target.write_text(original)
+        first = tail.splitlines()[:1] if status == "killed" else []
+        by = f"  by {first[0].split()[1]}" if first and first[0].startswith(("FAILED", "ERROR")) else ""
+        with lock:
+            entry[tier], entry[f"{tier}_s"], entry[f"{tier}_tail"] = status, seconds, tail
+            print(f"{i:3d} {tier}: {status:8s} {seconds:5.0f} s  {m.name}{by}", flush=True)
+            Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+
+    with contextlib.ExitStack() as stack:
+        # One copy of the tree per concurrent job: a mutant is written into its job's copy only.
+        copies: queue.Queue[Path] = queue.Queue()
+        for _ in range(max(args.jobs, 1)):
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mutation-")))
+            copy_tree(work)
+            copies.put(work)
         if not args.skip_baseline:
+            work = copies.get()
             status, seconds, tail = run(fast, work, args.timeout)
+            copies.put(work)
             print(f"unmutated copy, fast tier: {status} in {seconds:.0f} s", flush=True)
             if status != "survived":
                 print(f"the tests must pass before any mutant is run:\n{tail}", file=sys.stderr)
                 return 2
-        # Every mutant through the fast tier first, then the survivors through the full suite:
+
+        def job(tier: str, cmd: list[str], timeout: float, i: int) -> None:
+            work = copies.get()
+            try:
+                verdict(tier, cmd, timeout, i, work)
+            finally:
+                copies.put(work)
+
+        # Every mutant through the fast tier first (``--jobs`` at a time, each in one process),
+        # then the survivors through the full suite one by one (it has its own workers):
         # stopped early, the record still has the fast tier's verdict on every mutant.
-        for tier, cmd, timeout in (("fast", fast, args.timeout), ("full", full, 3 * args.timeout)):
-            for i, m in enumerate(mutants):
-                entries = record["mutants"]
-                if tier == "full" and (not cmd or entries[i]["fast"] != "survived"):
-                    continue
-                target = work / m.path
-                original = target.read_text()
-                target.write_text(apply(original, m))
-                try:
-                    if tier == "fast":
-                        entries.append({"mutant": m.name, **dataclasses.asdict(m)})
-                    entries[i][tier], entries[i][f"{tier}_s"], entries[i][f"{tier}_tail"] = run(cmd, work, timeout)
-                finally:
-                    target.write_text(original)
-                first = entries[i][f"{tier}_tail"].splitlines()[:1] if entries[i][tier] == "killed" else []
-                by = f"  by {first[0].split()[1]}" if first and first[0].startswith(("FAILED", "ERROR")) else ""
-                print(
-                    f"{i:3d} {tier}: {entries[i][tier]:8s} {entries[i][f'{tier}_s']:5.0f} s  {m.name}{by}", flush=True
-                )
-                Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        with concurrent.futures.ThreadPoolExecutor(max(args.jobs, 1)) as pool:
+            list(pool.map(lambda i: job("fast", fast, args.timeout, i), range(len(mutants))))
+        if full:
+            for i, entry in enumerate(record["mutants"]):
+                if entry.get("fast") == "survived":
+                    job("full", full, 3 * args.timeout, i)
     summarize(record)
     return 0
 
@@ -329,12 +354,12 @@ def summarize(record: dict[str, Any]) -> None:
     ms = record["mutants"]
     print(f"\n{'fast':9s} {'full':9s} mutant")
     for m in ms:
-        full = m.get("full", "-" if m["fast"] != "survived" else "not run")
-        print(f"{m['fast']:9s} {full:9s} {m['mutant']}")
+        full = m.get("full", "-" if m.get("fast") != "survived" else "not run")
+        print(f"{m.get('fast', 'not run'):9s} {full:9s} {m['mutant']}")
     caught = ("killed", "timeout")
-    fast_killed = sum(m["fast"] in caught for m in ms)
+    fast_killed = sum(m.get("fast") in caught for m in ms)
     full_killed = fast_killed + sum(m.get("full") in caught for m in ms)
-    not_run = sum(m["fast"] == "survived" and "full" not in m for m in ms)
+    not_run = sum(m.get("fast") == "survived" and "full" not in m for m in ms)
     print(f"{len(ms)} mutants: the fast tier kills {fast_killed}, the full suite {full_killed}", end="")
     print(f" ({100 * fast_killed / full_killed:.0f}% of them in the fast tier)" if full_killed else "", end="")
     print(f"; {not_run} fast-tier survivors not run through the full suite" if not_run else "")
