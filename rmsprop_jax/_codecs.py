@@ -421,13 +421,11 @@ class Int4EmaCodec:
         )
 
     def check_shard(self, layout: Layout, shape: tuple[int, ...], path: Any) -> None:
-        """Refuses a split last axis that leaves a shard part of a word or of a block."""
-        if layout[-1] and shape[-1] % _int4.PER_WORD:
-            raise ValueError(
-                f"params{_tree.path_str(path)} is 4-bit with its last axis split over {layout[-1]}: a shard's "
-                f"{shape[-1]} elements are not a multiple of the {_int4.PER_WORD} codes of a 32-bit word. Split "
-                "another axis, or over fewer devices."
-            )
+        """Refuses a split last axis whose shards' blocks are not the whole array's blocks.
+
+        A shard always holds whole words: ``shard_map`` splits the words' axis (``n / 8``)
+        evenly or refuses the state, so a shard's ``n`` is a multiple of 8.
+        """
         _check_blocks_tile(layout, shape, path, self.block_size, "4-bit")
 
 
