@@ -9,7 +9,7 @@ import optax
 
 from rmsprop_jax import _codecs, _dtypes, _factored
 from rmsprop_jax._codecs import Buffer
-from rmsprop_jax._storage import Leaf, StoredBuffer
+from rmsprop_jax._storage import Leaf, StoredBuffer, leaf_of
 
 
 _FIELDS = {"nu": Buffer.NU, "mu": Buffer.MU, "trace": Buffer.TRACE}
@@ -21,7 +21,7 @@ def decode_leaf(buffer: Buffer, leaf: Leaf) -> jax.Array:
     Codes decode to float32; factored statistics are reconstructed; float leaves are
     returned as they are (16-bit stays 16-bit).
     """
-    values, aux = leaf
+    values, aux = leaf.values, leaf.aux
     if buffer is Buffer.NU and _factored.holds(leaf):
         assert aux is not None
         ct = _dtypes.compute_dtype(values.dtype)
@@ -35,7 +35,7 @@ def decode_buffer(buffer: Buffer, field: optax.Updates | StoredBuffer) -> optax.
         return field
     if isinstance(field.aux, optax.EmptyState):
         return field.values
-    return jax.tree.map(lambda v, a: decode_leaf(buffer, Leaf(v, a)), field.values, field.aux)
+    return jax.tree.map(lambda v, a: decode_leaf(buffer, leaf_of(v, a)), field.values, field.aux)
 
 
 def decode_state(state: object) -> Any:

@@ -23,8 +23,14 @@ small one only ever shortens its step.
 the 8-bit codes' scales: a row of :math:`n` elements is split into
 :math:`\lceil n / B \rceil` blocks of :math:`\lceil n / n_b \rceil` elements (the last
 one possibly shorter), see :func:`._quantize.scales_shape` and
-:func:`._quantize.block_length`. The scale is the exact maximum, so the largest ``S`` of
-a block decodes exactly and no decoded ``S`` exceeds its scale.
+:func:`._quantize.block_length`. A leaf with at least :data:`MIN_COLUMN_ROWS` rows (axis
+``-2``) also keeps the maximum of each column, and an element's scale :math:`A` is the
+smaller of its block's and its column's maximum (Li et al.'s rank-1 normalization, here
+capping the block scale): in a column whose values are all small, the codes then resolve
+them instead of rounding them up to a sixteenth of a block maximum set by other columns.
+On the digits MLP this brings the final training loss from 1.5-2% to within 1% of
+float32 ``S``. The scales are exact maxima, so the largest ``S`` of a block (or column)
+decodes exactly and no decoded ``S`` exceeds its scale.
 
 **Rounding.** Values are normalized, :math:`x = S/A \in [0, 1]`, :math:`t = 16 x`. To
 nearest: code :math:`\lfloor t - 1/2 \rfloor`, clipped to [0, 15] (thresholds at
@@ -43,22 +49,25 @@ maximum decodes to the smallest code (an overestimate, which only shortens the s
 element whose gradient has been 0). A block whose scale is below :data:`FLOOR` decodes as
 if its scale were ``FLOOR``, so that no code of a positive block decodes to a subnormal
 (flushed to 0). A ``NaN`` makes its block's scale ``NaN`` and every element of the block
-decodes to ``NaN``, as in the 8-bit codes.
+decodes to ``NaN``, as in the 8-bit codes (with column maxima, its column's elements too).
 
 **Packing.** Eight codes per ``uint32`` word along the last axis, which must be a
 multiple of 8: element :math:`8j + i` in bits :math:`4i` to :math:`4i + 3` of word
 :math:`j`. Codes of shape ``(..., n)`` are stored as ``(..., n / 8)`` words: the leading
 axes keep the parameter's shape (and sharding), the last is divided by 8. Memory per
-element: :math:`1/2 + 4/B` bytes with blocks of :math:`B` (0.531 for :math:`B = 128`).
+element: :math:`1/2 + 4/B` bytes with blocks of :math:`B` (0.531 for :math:`B = 128`),
+plus :math:`4/r` with column maxima for :math:`r` rows (0.532 for a 4096 x 4096 matrix).
 
 **Derivatives.** The codes are integers and carry no derivative; :func:`carry_derivative`
-gives the block scales one, so that ``jax.grad`` through a stored ``S`` sees the block
-follow the value it encodes.
+gives the block scales one (:func:`carry_derivatives` the block scales and the column
+maxima, each for the elements that use it), so that ``jax.grad`` through a stored ``S``
+sees the scale follow the values it encodes.
 
 Encoding and decoding are elementwise float32 arithmetic, shifts and masks (no
 logarithm, search or table lookup).
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -76,6 +85,9 @@ F32_MAX = float(np.finfo(np.float32).max)
 
 FLOOR = float(np.finfo(np.float32).tiny) * 2.0**16
 """The smallest scale a code multiplies (about 7.7e-34): a positive block's codes decode to normal floats."""
+
+MIN_COLUMN_ROWS = 32
+"""Column maxima are kept for leaves with at least this many rows (axis ``-2``): at most 1/8 byte per element."""
 
 
 def _i32(x: int) -> jax.Array:
@@ -160,10 +172,30 @@ def _effective(a: jax.Array) -> jax.Array:
     return _kernel.where(a == jnp.float32(0), jnp.float32(0), jnp.maximum(a, jnp.float32(FLOOR)))
 
 
+def has_columns(shape: tuple[int, ...]) -> bool:
+    """Whether ``S`` of a parameter of ``shape`` keeps column maxima beside its block maxima."""
+    return len(shape) >= 2 and shape[-2] >= MIN_COLUMN_ROWS
+
+
+def columns_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the column maxima of ``S`` of ``shape``: the row axis (``-2``) reduced."""
+    return (*shape[:-2], shape[-1])
+
+
+def _scale(blocks: jax.Array, columns: jax.Array | None, n: int) -> jax.Array:
+    """Each element's scale: its block's maximum, capped by its column's when columns are kept."""
+    a = _expand(blocks, n)
+    return a if columns is None else jnp.minimum(a, columns[..., None, :])
+
+
 def encode_words(
-    s: jax.Array, block_size: int, bits: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Encodes ``S`` in 4-bit codes with block scales.
+    s: jax.Array,
+    block_size: int,
+    bits: jax.Array | None = None,
+    columns: bool = False,
+    row_axes: tuple[str, ...] = (),
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """Encodes ``S`` in 4-bit codes with block scales (and column maxima).
 
     Args:
       s: ``S``, float (computed in float32), at least 1-d with a last axis that is a multiple
@@ -173,32 +205,43 @@ def encode_words(
       bits: uniform ``uint32`` bits shaped like ``s`` (one per element, as
         :func:`._stochastic_rounding.random_bits` gives) for unbiased stochastic rounding,
         or None for round-to-nearest.
+      columns: whether each element's scale is also capped by its column's maximum (the
+        maximum over axis ``-2``); ``s`` is then at least 2-d.
+      row_axes: inside ``jax.shard_map``, the manual mesh axes that split the rows (axis
+        ``-2``): the column maxima are then the whole array's (``jax.lax.pmax``).
 
     Returns:
-      ``(words, scales, decoded)``: the codes packed by :func:`pack_words`; the float32
-      block maxima, of shape :func:`._quantize.scales_shape`; and the float32 ``S`` that
-      :func:`decode_words` gives back from them.
+      ``(words, scales, column_maxima, decoded)``: the codes packed by :func:`pack_words`;
+      the float32 block maxima, of shape :func:`._quantize.scales_shape`; the float32
+      column maxima, of shape :func:`columns_shape` (None without ``columns``); and the
+      float32 ``S`` that :func:`decode_words` gives back from them.
     """
     x = jax.lax.stop_gradient(s).astype(jnp.float32)
     x = _kernel.at_most(_kernel.where(x < jnp.float32(0), jnp.float32(0), x), jnp.float32(F32_MAX))
     block = _quantize.block_abs_max(x, block_size)
-    a = _expand(block, x.shape[-1])
+    cols = None
+    if columns:
+        cols = jnp.max(x, axis=-2)
+        if row_axes:
+            cols = jax.lax.pmax(cols, row_axes)
+    a = _scale(block, cols, x.shape[-1])
     codes = round_codes(x / _kernel.where(a == jnp.float32(0), jnp.float32(1), a), bits)
-    return pack_words(codes), block, code_value(codes) * _effective(a)
+    return pack_words(codes), block, cols, code_value(codes) * _effective(a)
 
 
-def decode_words(words: jax.Array, scales: jax.Array) -> jax.Array:
+def decode_words(words: jax.Array, scales: jax.Array, columns: jax.Array | None = None) -> jax.Array:
     """Decodes :func:`encode_words`'s words and scales.
 
     Args:
       words: ``uint32`` words of packed codes, with a last axis of ``m``.
       scales: their float32 block scales.
+      columns: their float32 column maxima, or None where none are kept.
 
     Returns:
       ``S`` as float32 with a last axis of ``8 m``: :math:`v_k A` (0 where :math:`A = 0`).
     """
     codes = unpack_words(words)
-    return code_value(codes) * _effective(_expand(scales, codes.shape[-1]))
+    return code_value(codes) * _effective(_scale(scales, columns, codes.shape[-1]))
 
 
 @jax.custom_jvp
@@ -233,3 +276,50 @@ def _carry_derivative_jvp(
     cc = jnp.sum(cb * cb, axis=-1)
     k = _kernel.where(cc > 0, scales / _kernel.where(cc > 0, cc, jnp.ones_like(cc)), jnp.zeros_like(cc))
     return scales, k * jnp.sum(cb * _quantize.blocked(dx.astype(jnp.float32), nb)[0], axis=-1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def carry_derivatives(
+    scales: jax.Array, columns: jax.Array, x: jax.Array, decoded: jax.Array, row_axes: tuple[str, ...]
+) -> tuple[jax.Array, jax.Array]:
+    r""":func:`carry_derivative` for a leaf with column maxima: both scale arrays, each fitted to its own elements.
+
+    An element whose scale is its column's maximum (strictly below its block's) moves with
+    that column, the others with their block: :math:`dA/A = \sum_i c_i\,dx_i / \sum_i c_i^2`
+    over the elements of each block, or each column (over every shard of ``row_axes``),
+    that use it.
+
+    Args:
+      scales: the block scales of ``decoded`` (:func:`encode_words`'s).
+      columns: its column maxima (:func:`encode_words`'s).
+      x: the value that was encoded; only its derivative is used.
+      decoded: the decoded values :math:`c` (:func:`encode_words`'s).
+      row_axes: inside ``jax.shard_map``, the manual mesh axes that split the rows.
+
+    Returns:
+      ``(scales, columns)``, unchanged.
+    """
+    del x, decoded, row_axes
+    return scales, columns
+
+
+@carry_derivatives.defjvp
+def _carry_derivatives_jvp(
+    row_axes: tuple[str, ...], primals: tuple[jax.Array, ...], tangents: tuple[Any, ...]
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    scales, columns, _, decoded = primals
+    dx = tangents[2].astype(jnp.float32)
+    by_column = columns[..., None, :] < _expand(scales, decoded.shape[-1])
+    zero = jnp.zeros_like(decoded)
+    nb = scales.shape[-1]
+    cb = _quantize.blocked(_kernel.where(by_column, zero, decoded), nb)[0]
+    cc = jnp.sum(cb * cb, axis=-1)
+    k = _kernel.where(cc > 0, scales / _kernel.where(cc > 0, cc, jnp.ones_like(cc)), jnp.zeros_like(cc))
+    d_scales = k * jnp.sum(cb * _quantize.blocked(dx, nb)[0], axis=-1)
+    c = _kernel.where(by_column, decoded, zero)
+    cc_col, num = jnp.sum(c * c, axis=-2), jnp.sum(c * dx, axis=-2)
+    if row_axes:
+        cc_col, num = jax.lax.psum(cc_col, row_axes), jax.lax.psum(num, row_axes)
+    ok = cc_col > 0
+    k_col = _kernel.where(ok, columns / _kernel.where(ok, cc_col, jnp.ones_like(cc_col)), jnp.zeros_like(cc_col))
+    return (scales, columns), (d_scales, k_col * num)

@@ -52,14 +52,23 @@ class Leaf(NamedTuple):
 
     values: jax.Array  # floats, codes, or factored S's row statistics
     aux: jax.Array | None  # block scales, factored S's column statistics, a 0-d placeholder; None without an aux tree
+    # the column maxima of 4-bit S of a matrix with 32 rows or more, kept in the aux tree as the pair (aux, columns)
+    columns: jax.Array | None = None
+
+
+def leaf_of(values: jax.Array, aux: Any) -> Leaf:
+    """A stored leaf from its values and its entry of the aux tree (a pair where it keeps column maxima)."""
+    return Leaf(values, aux[0], aux[1]) if isinstance(aux, tuple) else Leaf(values, aux)
 
 
 def leaves(buffer: Any, n: int) -> list[Leaf]:
     """The stored leaves of a buffer field (a StoredBuffer or a plain tree)."""
     if isinstance(buffer, StoredBuffer):
         values = jax.tree.leaves(buffer.values)
-        aux = [None] * n if isinstance(buffer.aux, optax.EmptyState) else jax.tree.leaves(buffer.aux)
-        return [Leaf(v, a) for v, a in zip(values, aux, strict=True)]
+        if isinstance(buffer.aux, optax.EmptyState):
+            return [Leaf(v, None) for v in values]
+        aux = jax.tree.structure(buffer.values).flatten_up_to(buffer.aux)  # a pair per 4-bit leaf with columns
+        return [leaf_of(v, a) for v, a in zip(values, aux, strict=True)]
     return [Leaf(v, None) for v in jax.tree.leaves(buffer)]
 
 
@@ -79,7 +88,8 @@ def pack(treedef: Any, new: list[Leaf], with_aux: bool, key: jax.Array | None) -
     values = jax.tree.unflatten(treedef, [leaf.values for leaf in new])
     if not with_aux and key is None:
         return values
-    aux = jax.tree.unflatten(treedef, [leaf.aux for leaf in new]) if with_aux else optax.EmptyState()
+    entries = [leaf.aux if leaf.columns is None else (leaf.aux, leaf.columns) for leaf in new]
+    aux = jax.tree.unflatten(treedef, entries) if with_aux else optax.EmptyState()
     return StoredBuffer(values, aux, optax.EmptyState() if key is None else key)
 
 

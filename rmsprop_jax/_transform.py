@@ -90,12 +90,13 @@ def scale_by_rms(
     momentum buffer use a signed map. The scale of a block of ``S`` is
     :math:`\rho A + (1-\rho) M^2`, with :math:`A` its largest stored value and :math:`M`
     its largest gradient, a bound of the new maximum that costs no second pass.
-    ``state_dtype="int4"`` stores ``S`` in 4 bits: 16 codes :math:`(k + 1) A / 16` of the
-    block's largest value :math:`A` (blocks of 128), rounded stochastically; 0 is not a
-    code, so a small ``S`` is rounded up (a shorter step), never to 0 (a step of
-    :math:`g / \epsilon`). ``m`` and the momentum buffer keep 8-bit codes. ``factored``
-    stores :math:`n + m` numbers per :math:`n \times m` matrix. Then ``nu``
-    (and with 8 bits ``mu``) is a :class:`~rmsprop_jax.StoredBuffer`;
+    ``state_dtype="int4"`` stores ``S`` in 4 bits: 16 codes :math:`(k + 1) A / 16` of
+    :math:`A`, the block's largest value (blocks of 128) or, in a matrix of 32 rows or
+    more, its column's if smaller; rounded stochastically; 0 is not a code, so a small
+    ``S`` is rounded up (a shorter step), never to 0 (a step of :math:`g / \epsilon`).
+    ``m`` and the momentum buffer keep 8-bit codes. ``factored`` stores :math:`n + m`
+    numbers per :math:`n \times m` matrix. Then ``nu`` (and with 8 bits ``mu``) is a
+    :class:`~rmsprop_jax.StoredBuffer`;
     :func:`~rmsprop_jax.decode_state` returns the plain values.
 
     Arithmetic runs in at least float32; the returned updates have the gradients'

@@ -50,14 +50,15 @@ def _ref_clean(s: np.ndarray) -> np.ndarray:
     return np.where(s < 0, F32(0), np.minimum(s, np.finfo(F32).max)).astype(F32)
 
 
-def _ref_scales(s: np.ndarray, block_size: int) -> np.ndarray:
-    """Each element's scale A: its block's maximum (NaN if the block holds one)."""
+def _ref_scales(s: np.ndarray, block_size: int, columns: bool = False) -> np.ndarray:
+    """Each element's scale A: its block's maximum (NaN if the block holds one), with ``columns``
+    at most its column's maximum (over axis -2)."""
     s = _ref_clean(s)
     out = np.empty(s.shape, F32)
     b = _ref_block_length(s.shape[-1], block_size)
     for start in range(0, s.shape[-1], b):
         out[..., start : start + b] = s[..., start : start + b].max(axis=-1, keepdims=True)
-    return out
+    return np.minimum(out, s.max(axis=-2, keepdims=True)) if columns else out
 
 
 def _ref_decode(codes: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -65,9 +66,9 @@ def _ref_decode(codes: np.ndarray, a: np.ndarray) -> np.ndarray:
     return (_ref_values()[codes] * a).astype(F32)
 
 
-def _ref_nearest(s: np.ndarray, block_size: int) -> np.ndarray:
+def _ref_nearest(s: np.ndarray, block_size: int, columns: bool = False) -> np.ndarray:
     """Round-to-nearest of S / A (ties up), then decode (float32)."""
-    a = _ref_scales(s, block_size)
+    a = _ref_scales(s, block_size, columns)
     with np.errstate(invalid="ignore", divide="ignore"):
         x = np.where(a == 0, F32(0), _ref_clean(s) / np.where(a == 0, F32(1), a)).astype(F32)
     codes = np.searchsorted(_ref_thresholds(), x, side="right")  # count of thresholds <= x
@@ -80,12 +81,13 @@ def _ref_pack(codes: np.ndarray) -> np.ndarray:
     return (c * 16 ** np.arange(8, dtype=np.uint64)).sum(axis=-1).astype(np.uint32)
 
 
-def _encode_decode(s: np.ndarray, block_size: int, bits: jax.Array | None = None) -> np.ndarray:
+def _encode_decode(s: np.ndarray, block_size: int, bits: jax.Array | None = None, columns: bool = False) -> np.ndarray:
     """decode_words(encode_words(S)), after checking that encode_words's decoded value is the same."""
 
     def f(v: jax.Array, b: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        words, scales, decoded = _int4.encode_words(v, block_size, b)
-        return _int4.decode_words(words, scales), decoded
+        words, scales, cols, decoded = _int4.encode_words(v, block_size, b, columns)
+        assert (cols is None) == (not columns)
+        return _int4.decode_words(words, scales, cols), decoded
 
     out, decoded = (np.asarray(x) for x in jax.jit(f)(jnp.asarray(s), bits))
     np.testing.assert_array_equal(decoded, out)
@@ -104,8 +106,9 @@ def test_code_values_match_the_documented_map() -> None:
     np.testing.assert_array_equal(out[0], 2 * _ref_values())
 
 
+@pytest.mark.parametrize("columns", [False, True])
 @pytest.mark.parametrize("block_size", BLOCKS)
-def test_nearest_rounding_matches_the_reference(block_size: int) -> None:
+def test_nearest_rounding_matches_the_reference(block_size: int, columns: bool) -> None:
     rng = np.random.default_rng(0)
     s = np.exp(rng.uniform(-25, 5, size=(3, 5, 40))).astype(F32)
     s[0, 0, :3] = [0.0, 1e-30, 3e-38]
@@ -114,7 +117,12 @@ def test_nearest_rounding_matches_the_reference(block_size: int) -> None:
     s[1, 1, :31] = edges
     s[1, 2, :31] = np.nextafter(edges, F32(0))
     s[1, 1, 31:] = s[1, 2, 31:] = 1.0
-    np.testing.assert_array_equal(_encode_decode(s, block_size), _ref_nearest(s, block_size))
+    if columns:  # columns of a matrix whose maxima sit below some of its blocks' maxima
+        s[2, :, 5:20] *= F32(1e-3)
+    want = _ref_nearest(s, block_size, columns)
+    np.testing.assert_array_equal(_encode_decode(s, block_size, columns=columns), want)
+    if columns:
+        assert (want != _ref_nearest(s, block_size)).any()  # the columns change the codes
 
 
 # Shapes whose last axis holds whole 32-bit words of eight codes, ranks 1-3.
@@ -133,13 +141,15 @@ _WORD_SHAPES = st.builds(
         elements=st.one_of(st.just(0.0), st.floats(2.0**-100, 2.0**100, width=32)),
     ),
     block_size=st.sampled_from([3, 4, 5, 128]),
+    columns=st.booleans(),
 )
-def test_round_trip_property(s: np.ndarray, block_size: int) -> None:
-    out = _encode_decode(s, block_size)
-    np.testing.assert_array_equal(out, _ref_nearest(s, block_size))
+def test_round_trip_property(s: np.ndarray, block_size: int, columns: bool) -> None:
+    columns = columns and s.ndim >= 2
+    out = _encode_decode(s, block_size, columns=columns)
+    np.testing.assert_array_equal(out, _ref_nearest(s, block_size, columns))
     assert np.isfinite(out).all()
     assert (out[s > 0] > 0).all()  # a positive S never decodes to 0
-    assert (out <= _ref_scales(s, block_size)).all()  # nor above its scale
+    assert (out <= _ref_scales(s, block_size, columns)).all()  # nor above its scale
 
 
 @pytest.mark.parametrize("value", [0.0, 2.5, 1e-30])
@@ -198,6 +208,9 @@ def test_nan_makes_its_block_nan() -> None:
     assert np.isnan(out[0, :4]).all()  # the block sharing the NaN's scale, as with the 8-bit codes
     np.testing.assert_array_equal(out[0, 4:], 0.5)
     np.testing.assert_array_equal(out[1], 0.5)
+    out = _encode_decode(s, 4, columns=True)  # with column maxima, its column too
+    assert np.isnan(out[0, :4]).all() and np.isnan(out[1, 1])
+    np.testing.assert_array_equal(out[1, [0, 2, 3, 4, 5, 6, 7]], 0.5)
 
 
 # ----------------------------------------------------------------------------- stochastic rounding
@@ -213,7 +226,7 @@ def test_stochastic_rounding_is_unbiased() -> None:
     draws = 4000
 
     def once(c: jax.Array) -> jax.Array:
-        words, scales, _ = _int4.encode_words(jnp.asarray(s), 64, sr.random_bits(sr.new_key(3), c, 0, s.shape))
+        words, scales, _, _ = _int4.encode_words(jnp.asarray(s), 64, sr.random_bits(sr.new_key(3), c, 0, s.shape))
         return _int4.decode_words(words, scales)
 
     out = np.asarray(jax.jit(jax.vmap(once))(jnp.arange(draws)), np.float64)[:, 0]
@@ -231,7 +244,7 @@ def test_stochastic_rounding_is_unbiased() -> None:
 def test_stochastic_rounding_below_the_smallest_code_rounds_up() -> None:
     s = jnp.asarray([[1.0, 0.0, 1e-9, 1e-20, 1.0, 1.0, 1.0, 1.0]], jnp.float32)
     bits = sr.random_bits(sr.new_key(0), jnp.int32(0), 0, s.shape)
-    words, scales, _ = _int4.encode_words(s, 8, bits)
+    words, scales, _, _ = _int4.encode_words(s, 8, bits)
     out = np.asarray(_int4.decode_words(words, scales))
     np.testing.assert_array_equal(out[0, 1:4], _ref_values()[0])
 
@@ -247,16 +260,17 @@ def _zero_point_block() -> np.ndarray:
     return g
 
 
+@pytest.mark.parametrize("columns", [False, True])
 @pytest.mark.parametrize("stochastic", [False, True])
 @pytest.mark.parametrize("rho", [0.9, 0.999])
 @pytest.mark.parametrize("block_size", [128, 4])
-def test_zero_point(block_size: int, rho: float, stochastic: bool) -> None:
+def test_zero_point(block_size: int, rho: float, stochastic: bool, columns: bool) -> None:
     """One RMSprop step from S = 0: no 4-bit update is larger than float32's, none is 0."""
     g = _zero_point_block()
     eps = 1e-8
     s = (1 - rho) * g**2
     bits = sr.random_bits(sr.new_key(0), jnp.int32(0), 0, g.shape) if stochastic else None
-    s4 = _encode_decode(s.astype(F32), block_size, bits).astype(np.float64)
+    s4 = _encode_decode(s.astype(F32), block_size, bits, columns).astype(np.float64)
     u4 = np.abs(g) / (np.sqrt(s4) + eps)
     u32 = np.abs(g) / (np.sqrt(s.astype(F32).astype(np.float64)) + eps)
     assert (u4 <= u32 * (1 + 1e-6)).all()
@@ -285,7 +299,7 @@ def test_carry_derivative_is_the_least_squares_fit(shape: tuple[int, ...], block
     dx = rng.normal(size=shape).astype(F32)
 
     def f(v: jax.Array) -> jax.Array:
-        _, scales, decoded = _int4.encode_words(v, block_size)
+        _, scales, _, decoded = _int4.encode_words(v, block_size)
         return _int4.carry_derivative(scales, v, decoded)
 
     primal, tangent = (np.asarray(t) for t in jax.jvp(f, (jnp.asarray(x),), (jnp.asarray(dx),)))
@@ -322,21 +336,27 @@ def _ref_rmsprop(grads: list[np.ndarray], lr: float, rho: float, eps: float) -> 
     out = []
     for g in grads:
         g = g.astype(np.float64)
-        s = _ref_nearest((rho * s + (1 - rho) * g * g).astype(F32), 128).astype(np.float64)
+        columns = g.ndim >= 2 and g.shape[-2] >= 32  # the documented threshold for column maxima
+        s = _ref_nearest((rho * s + (1 - rho) * g * g).astype(F32), 128, columns).astype(np.float64)
         root = np.maximum(np.sqrt(s), np.sqrt(1 - rho) * np.abs(g))
         out.append(-lr * g / (root + eps))
     return out
 
 
-def test_rmsprop_steps_equal_the_numpy_reference() -> None:
-    shape = (4, 256)
+@pytest.mark.parametrize("rows", [4, 31, 32, 48])
+def test_rmsprop_steps_equal_the_numpy_reference(rows: int) -> None:
+    shape = (rows, 256)
     grads = [_grads(shape, t) for t in range(4)]
     grads[2][1, :128] = 0.0  # a block without gradient: its S decays through the codes
+    grads[1][:, 200:208] *= F32(1e-3)  # quiet columns: their maxima lie below their blocks'
     opt = _int4_opt(learning_rate=1e-2, decay=0.9, eps=1e-8, stochastic_rounding=False)
     params = {"w": jnp.zeros(shape, jnp.float32)}
     state = opt.init(params)
-    assert state.nu.values["w"].dtype == np.uint32 and state.nu.values["w"].shape == (4, 32)
-    assert state.nu.aux["w"].shape == (4, 2)  # block_size None: 128 for 4-bit S
+    assert state.nu.values["w"].dtype == np.uint32 and state.nu.values["w"].shape == (rows, 32)
+    if rows < 32:
+        assert state.nu.aux["w"].shape == (rows, 2)  # block_size None: 128 for 4-bit S
+    else:  # 32 rows or more: column maxima beside the block scales
+        assert [a.shape for a in state.nu.aux["w"]] == [(rows, 2), (256,)]
     want = _ref_rmsprop(grads, 1e-2, 0.9, 1e-8)
     for g, w in zip(grads, want, strict=True):
         u, state = opt.update({"w": jnp.asarray(g)}, state)
@@ -396,6 +416,39 @@ def _train(opt: Any, shape: tuple[int, ...], steps: int = 5, dtype: Any = jnp.fl
         u, state = opt.update({"w": jnp.asarray(_similar(shape, t), dtype)}, state, params)
         params = optax.apply_updates(params, u)
     return params, state, u
+
+
+def test_carry_derivatives_fit_blocks_and_columns_to_their_own_elements() -> None:
+    """With column maxima: each element moves with the scale it uses, each scale fitted by least squares."""
+    rng = np.random.default_rng(5)
+    shape, block_size = (6, 16), 8
+    x = rng.uniform(0.1, 2.0, size=shape).astype(F32)
+    x[:, 3] *= F32(1e-2)  # a quiet column: its maximum is below every block's
+    x[:, 12:16] = 0.0  # columns that decode to 0
+    dx = rng.normal(size=shape).astype(F32)
+
+    def f(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        _, scales, cols, decoded = _int4.encode_words(v, block_size, None, True)
+        assert cols is not None
+        return _int4.carry_derivatives(scales, cols, v, decoded, ())
+
+    primal, tangent = jax.jvp(f, (jnp.asarray(x),), (jnp.asarray(dx),))
+    c = _ref_nearest(x, block_size, True).astype(np.float64)
+    blocks = np.stack([x[:, i : i + block_size].max(axis=-1) for i in (0, 8)], axis=-1).astype(np.float64)
+    cols = x.max(axis=0).astype(np.float64)
+    by_col = cols[None, :] < np.repeat(blocks, block_size, axis=-1)
+    assert by_col[:, 3].all() and not by_col.all()  # both kinds of element
+    cb, cc = np.where(by_col, 0.0, c), np.where(by_col, c, 0.0)
+    num_b = np.stack([(cb * dx)[:, i : i + 8].sum(-1) for i in (0, 8)], -1)
+    den_b = np.stack([(cb**2)[:, i : i + 8].sum(-1) for i in (0, 8)], -1)
+    want_b = np.where(den_b > 0, blocks * num_b / np.where(den_b > 0, den_b, 1.0), 0.0)
+    num_c, den_c = (cc * dx).sum(0), (cc**2).sum(0)
+    want_c = np.where(den_c > 0, cols * num_c / np.where(den_c > 0, den_c, 1.0), 0.0)
+    np.testing.assert_array_equal(np.asarray(primal[0]), blocks.astype(F32))
+    np.testing.assert_array_equal(np.asarray(primal[1]), cols.astype(F32))
+    np.testing.assert_allclose(np.asarray(tangent[0]), want_b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(tangent[1]), want_c, rtol=1e-5, atol=1e-5)
+    assert np.asarray(tangent[1])[3] != 0 and (np.asarray(tangent[1])[12:] == 0).all()
 
 
 def _ref_unpack(words: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -470,16 +523,17 @@ def test_odd_last_axis_falls_back_to_8bit_s() -> None:
 def test_state_bytes_of_a_large_leaf() -> None:
     opt = rmsprop_jax.rmsprop(1e-3, state_dtype="int4")
     state = jax.eval_shape(opt.init, {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.float32)})
-    s_bytes = sum(x.size * x.dtype.itemsize for x in (state.nu.values["w"], state.nu.aux["w"]))
-    assert s_bytes / 4096**2 == 0.5 + 4 / 128  # 4 bits per code, a float32 scale per 128
+    s_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.nu.values["w"], state.nu.aux["w"])))
+    assert s_bytes / 4096**2 == 0.5 + 4 / 128 + 4 / 4096  # 4 bits per code, a float32 scale per 128 and per column
     assert s_bytes / 4096**2 <= 0.56
 
 
-def test_orbax_round_trip(tmp_path) -> None:
+@pytest.mark.parametrize("shape", [(4, 128), (64, 128)])
+def test_orbax_round_trip(tmp_path, shape: tuple[int, int]) -> None:
     import orbax.checkpoint as ocp
 
     opt = _int4_opt(momentum=0.9, centered=True)
-    _, state, _ = _train(opt, (4, 128), steps=2)
+    _, state, _ = _train(opt, shape, steps=2)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp_path / "ckpt", state)
         ckptr.wait_until_finished()
@@ -490,8 +544,8 @@ def test_orbax_round_trip(tmp_path) -> None:
     for r, s in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         assert r.dtype == s.dtype
         np.testing.assert_array_equal(np.asarray(r), np.asarray(s))
-    g = {"w": jnp.asarray(_grads((4, 128), 7))}
-    params = {"w": jnp.ones((4, 128))}
+    g = {"w": jnp.asarray(_grads(shape, 7))}
+    params = {"w": jnp.ones(shape)}
     np.testing.assert_array_equal(
         np.asarray(opt.update(g, restored, params)[0]["w"]), np.asarray(opt.update(g, state, params)[0]["w"])
     )
@@ -564,9 +618,9 @@ def test_on_nonfinite_skip_and_zero() -> None:
     assert int(after.nonfinite_count) == 1
 
 
-def test_jax_grad_through_a_step_is_finite_and_close_to_float32() -> None:
+@pytest.mark.parametrize("shape", [(2, 128), (64, 128)])  # block scales; and column maxima beside them
+def test_jax_grad_through_a_step_is_finite_and_close_to_float32(shape: tuple[int, int]) -> None:
     """The derivative of a step's loss in the initial parameters, through S as stored (straight-through)."""
-    shape = (2, 128)
     g0, g1, target = (jnp.asarray(_similar(shape, t)) for t in (0, 1, 9))
 
     def loss(p0: jax.Array, opt: Any, steps: int = 1) -> jax.Array:
@@ -658,3 +712,33 @@ def test_shard_map_refuses_splits_that_break_blocks_or_words(monkeypatch) -> Non
     opt = rmsprop_jax.rmsprop(1e-2, state_dtype="int4", min_8bit_size=0, block_size=2)
     with pytest.raises(ValueError, match=r"\['v'\] has shape \(8, 6\) but the optimizer state for that leaf has"):
         sm.steps(opt, "2d")
+
+
+def test_grad_through_shard_map_with_column_maxima_equals_jit() -> None:
+    """The column maxima's derivative sums over every shard of the rows: grad inside shard_map is jit's."""
+    from tests import test_shard_map as sm
+
+    opt = rmsprop_jax.rmsprop(1e-2, state_dtype="int4", min_8bit_size=0, block_size=8, stochastic_rounding=False)
+    mesh, specs, _, params, state, state_specs, _ = sm.setup("rows", opt)  # w (64, 16) split by rows over 8
+    assert state.nu.aux["w"][1].shape == (16,)  # w keeps column maxima; v (8 rows) does not
+    assert not isinstance(state.nu.aux["v"], tuple)
+    target = jax.tree.map(lambda p: 0.5 * p + 0.25, params)
+
+    def loss(p: Any, s: Any, t: Any, update: Any) -> jax.Array:
+        for _ in range(2):
+            u, s = update(jax.tree.map(lambda a, b: (a - b) ** 3, p, t), s, p)
+            p = optax.apply_updates(p, u)
+        return jnp.sum(p["w"] ** 2) + jnp.sum(p["v"] ** 2)  # the leaves split by rows (b is replicated)
+
+    def sharded(p: Any, s: Any, t: Any) -> Any:
+        def local(p: Any) -> jax.Array:
+            return jax.lax.psum(loss(p, s, t, lambda g, s, p: opt.update(g, s, p, partition_specs=specs)), "data")
+
+        return jax.grad(local)(p)
+
+    body = jax.shard_map(sharded, mesh=mesh, in_specs=(specs, state_specs, specs), out_specs=specs)
+    with jax.set_mesh(mesh):
+        got = jax.jit(body)(params, state, target)
+        want = jax.jit(jax.grad(lambda p, s, t: loss(p, s, t, opt.update)))(params, state, target)
+    for k in ("w", "v"):
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-5, atol=1e-7)
