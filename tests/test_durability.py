@@ -27,7 +27,7 @@ def assert_bitwise_equal(a, b):
 def assert_resumes_identically(name, restored, original):
     """One more step from the restored state equals one more step from the original, bit for bit."""
     opt = fixture.CASES[name]()
-    p = fixture.params()
+    p = fixture.params_for(name)
     g = fixture.grads(p, fixture.STEPS)
     assert_bitwise_equal(jax.jit(opt.update)(g, restored, p), jax.jit(opt.update)(g, original, p))
 
@@ -79,7 +79,8 @@ def test_stored_checkpoint_of_this_layout_restores():
             assert (np.asarray(x).dtype, np.shape(x)) == (np.asarray(y).dtype, np.shape(y)), name
         # The values are those of today's run (up to rounding, should the arithmetic be reordered).
         chex.assert_trees_all_close(restored, state, rtol=1e-6, atol=0)
-        updates, _ = opt.update(fixture.grads(fixture.params(), fixture.STEPS), restored, fixture.params())
+        p = fixture.params_for(name)
+        updates, _ = opt.update(fixture.grads(p, fixture.STEPS), restored, p)
         chex.assert_tree_all_finite(updates)
 
 
