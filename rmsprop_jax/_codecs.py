@@ -390,11 +390,14 @@ class Int4EmaCodec:
         word = 0 if v is not None and float(v) == 0.0 else 0xFFFFFFFF  # codes 0 (as encoded) or 15 (value itself)
         words_shape = (*shape[:-1], shape[-1] // _int4.PER_WORD)
         scales_shape = _quantize.scales_shape(shape, self.block_size)
-        scales = full_reduced(param, scales_shape, value, jnp.float32, None)
+        columns = None
         if _int4.has_columns(shape):
             columns = full_reduced(param, _int4.columns_shape(shape), value, jnp.float32, len(shape) - 2)
-            return Leaf(full_reduced(param, words_shape, word, jnp.uint32, None), scales, columns)
-        return Leaf(full_reduced(param, words_shape, word, jnp.uint32, None), scales)
+        return Leaf(
+            full_reduced(param, words_shape, word, jnp.uint32, None),
+            full_reduced(param, scales_shape, value, jnp.float32, None),
+            columns,
+        )
 
     def decode(self, leaf: Leaf, ct: np.dtype) -> jax.Array:
         assert leaf.aux is not None

@@ -270,12 +270,16 @@ def _carry_derivative_jvp(
     primals: tuple[jax.Array, jax.Array, jax.Array], tangents: tuple[Any, Any, Any]
 ) -> tuple[jax.Array, jax.Array]:
     scales, _, decoded = primals
-    dx = tangents[1]
+    return scales, _block_fit(scales, decoded, tangents[1].astype(jnp.float32))
+
+
+def _block_fit(scales: jax.Array, c: jax.Array, dx: jax.Array) -> jax.Array:
+    r"""Per block, :math:`A \sum_i c_i\,dx_i / \sum_i c_i^2` (0 where the block's ``c`` is all 0)."""
     nb = scales.shape[-1]
-    cb = _quantize.blocked(decoded, nb)[0]
+    cb = _quantize.blocked(c, nb)[0]
     cc = jnp.sum(cb * cb, axis=-1)
     k = _kernel.where(cc > 0, scales / _kernel.where(cc > 0, cc, jnp.ones_like(cc)), jnp.zeros_like(cc))
-    return scales, k * jnp.sum(cb * _quantize.blocked(dx.astype(jnp.float32), nb)[0], axis=-1)
+    return k * jnp.sum(cb * _quantize.blocked(dx, nb)[0], axis=-1)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
@@ -311,11 +315,7 @@ def _carry_derivatives_jvp(
     dx = tangents[2].astype(jnp.float32)
     by_column = columns[..., None, :] < _expand(scales, decoded.shape[-1])
     zero = jnp.zeros_like(decoded)
-    nb = scales.shape[-1]
-    cb = _quantize.blocked(_kernel.where(by_column, zero, decoded), nb)[0]
-    cc = jnp.sum(cb * cb, axis=-1)
-    k = _kernel.where(cc > 0, scales / _kernel.where(cc > 0, cc, jnp.ones_like(cc)), jnp.zeros_like(cc))
-    d_scales = k * jnp.sum(cb * _quantize.blocked(dx, nb)[0], axis=-1)
+    d_scales = _block_fit(scales, _kernel.where(by_column, zero, decoded), dx)
     c = _kernel.where(by_column, decoded, zero)
     cc_col, num = jnp.sum(c * c, axis=-2), jnp.sum(c * dx, axis=-2)
     if row_axes:

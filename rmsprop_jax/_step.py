@@ -173,7 +173,7 @@ def update(
     n = treedef.num_leaves
     has_trace = descent is not None and descent.momentum is not None
     fields = {"nu": True, "mu": moment.centered, "trace": has_trace}  # the buffers present
-    nus, mus, bufs = (_storage.leaves(getattr(state, f), n) if on else [None] * n for f, on in fields.items())
+    nus, mus, bufs = (_storage.leaves(getattr(state, f)) if on else [None] * n for f, on in fields.items())
     codecs = [leaf_codecs(plan.storage, *leaf) for leaf in zip(nus, mus, bufs, strict=True)]
     refs = [c.param_shape(nu) for c, nu in zip(codecs, nus, strict=True)]
     kinds = bufs if fields["trace"] else mus  # leaves that are complex exactly when the parameter is

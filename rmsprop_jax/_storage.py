@@ -61,7 +61,7 @@ def leaf_of(values: jax.Array, aux: Any) -> Leaf:
     return Leaf(values, aux[0], aux[1]) if isinstance(aux, tuple) else Leaf(values, aux)
 
 
-def leaves(buffer: Any, n: int) -> list[Leaf]:
+def leaves(buffer: Any) -> list[Leaf]:
     """The stored leaves of a buffer field (a StoredBuffer or a plain tree)."""
     if isinstance(buffer, StoredBuffer):
         values = jax.tree.leaves(buffer.values)
