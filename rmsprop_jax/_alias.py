@@ -118,7 +118,7 @@ def rmsprop(
         for 16-bit parameters, the parameter's precision otherwise. ``"int8"``:
         block-wise 8-bit codes with one float32 scale per block (a non-negative code
         map for ``S``, a signed one for ``m`` and the momentum buffer), about 1.02
-        bytes per element. ``"int4"``: ``S`` in 4-bit codes (0.53 bytes per element;
+        bytes per element. ``"int4"``: ``S`` in 4-bit codes (0.54 bytes per element;
         leaves whose last axis is not a multiple of 8 keep 8-bit codes), ``m`` and the
         momentum buffer as with ``"int8"``. See :func:`scale_by_rms`.
       on_nonfinite: what a step whose gradients hold a NaN or Inf does.

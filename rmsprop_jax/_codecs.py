@@ -360,14 +360,14 @@ class Int8EmaCodec(Int8Codec):
 
 @dataclasses.dataclass(frozen=True)
 class Int4EmaCodec:
-    """4-bit ``S`` (:mod:`._int4`): 16 codes :math:`(k + 1)/16` of a scale, no zero.
+    """4-bit ``S`` (:mod:`._int4`): 16 linear codes from a block's base to its scale, no zero.
 
     Stored as eight codes per ``uint32`` along the last axis (the parameter's last axis
-    must be a multiple of 8; other leaves get the 8-bit codec) and one float32 scale per
-    block, the block's maximum; a leaf with at least :data:`._int4.MIN_COLUMN_ROWS` rows
-    also keeps its column maxima (``Leaf.columns``; in the state's aux tree the pair
-    ``(block scales, column maxima)``), and an element's scale is the smaller of its
-    block's and its column's.
+    must be a multiple of 8; other leaves get the 8-bit codec), one float32 scale per
+    block (the block's maximum) and one uint8 base code per block; a leaf with at least
+    :data:`._int4.MIN_COLUMN_ROWS` rows also keeps its column maxima, and an element's
+    scale is the smaller of its block's and its column's. ``Leaf.extra`` holds
+    ``(bases,)`` or ``(bases, column maxima)``; the state's aux tree, ``(scales, *extra)``.
     Encoded from the kernel's new ``S``, which the update then reads as stored.
     """
 
@@ -390,33 +390,38 @@ class Int4EmaCodec:
         word = 0 if v is not None and float(v) == 0.0 else 0xFFFFFFFF  # codes 0 (as encoded) or 15 (value itself)
         words_shape = (*shape[:-1], shape[-1] // _int4.PER_WORD)
         scales_shape = _quantize.scales_shape(shape, self.block_size)
-        columns = None
+        extra = (full_reduced(param, scales_shape, 0, jnp.uint8, None),)  # base codes 0: codes (k + 1)/16
         if _int4.has_columns(shape):
-            columns = full_reduced(param, _int4.columns_shape(shape), value, jnp.float32, len(shape) - 2)
+            extra += (full_reduced(param, _int4.columns_shape(shape), value, jnp.float32, len(shape) - 2),)
         return Leaf(
             full_reduced(param, words_shape, word, jnp.uint32, None),
             full_reduced(param, scales_shape, value, jnp.float32, None),
-            columns,
+            extra,
         )
+
+    @staticmethod
+    def _columns(leaf: Leaf) -> jax.Array | None:
+        return leaf.extra[1] if len(leaf.extra) > 1 else None
 
     def decode(self, leaf: Leaf, ct: np.dtype) -> jax.Array:
         assert leaf.aux is not None
-        return _int4.decode_words(leaf.values, leaf.aux, leaf.columns).astype(ct)
+        return _int4.decode_words(leaf.values, leaf.aux, leaf.extra[0], self._columns(leaf)).astype(ct)
 
     def read_as_stored(self, ct: np.dtype) -> bool:
         return True
 
     def encode(self, x: jax.Array, old: Leaf, ctx: StepContext) -> tuple[Leaf, jax.Array]:
         bits = ctx.bits(self.buffer, x.shape) if self.stochastic else None
-        columns = old.columns is not None  # kept or not at init, from the whole parameter's shape
+        columns = self._columns(old) is not None  # kept or not at init, from the whole parameter's shape
         row_axes = ctx.layout[-2] if columns and ctx.layout is not None else ()
-        words, scales, cols, decoded = _int4.encode_words(
+        words, scales, bases, cols, decoded = _int4.encode_words(
             jax.lax.stop_gradient(x), self.block_size, bits, columns, row_axes
         )
         if cols is None:
-            kept = Leaf(words, _int4.carry_derivative(scales, x, decoded))
+            kept = Leaf(words, _int4.carry_derivative(scales, x, decoded), (bases,))
         else:
-            kept = Leaf(words, *_int4.carry_derivatives(scales, cols, x, decoded, row_axes))
+            scales, cols = _int4.carry_derivatives(scales, cols, x, decoded, row_axes)
+            kept = Leaf(words, scales, (bases, cols))
         return kept, _kernel.with_tangent(decoded.astype(x.dtype), x)
 
     @staticmethod

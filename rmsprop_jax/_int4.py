@@ -1,23 +1,36 @@
 r"""4-bit codes of the second moment ``S`` (``state_dtype="int4"``): 16 linear codes, no zero.
 
 **Code map.** Each element of ``S`` is stored as a code :math:`k \in \{0, \dots, 15\}` and
-decodes to :math:`v_k A`, where :math:`v_k = (k + 1)/16` and :math:`A` is the scale of its
-block (see *Scales*): 16 steps of :math:`A/16`, from :math:`A/16` to :math:`A`, Li et al.'s
-and torchao's map for the second moment. The map is finest, relative to ``S``, where ``S``
-is largest in its block (adjacent codes 6-12% apart in the top half of the block): for
-the elements whose steps are the shortest and move the loss most. Maps that spend their
-codes evenly in :math:`\log S` (one code per power of two over 15 binades, or two over
-7.5) stay further from float32 ``S`` in training: on the digits MLP (decay 0.9 / 0.99,
-stochastic rounding, blocks of 128, worst of 3 seeds) the final training loss differs
-from float32 ``S``'s by +1.6% / -1.3% with the linear map, -5.0% / -7.8% with two codes
-per power of two and -17% / -19% with one.
+decodes to :math:`v_k A`, where :math:`A` is the scale of its block (see *Scales*) and
+
+.. math:: v_k = b + (1 - b)\,\frac{k}{15} = \frac{256 + 15c + (256 - c)\,k}{4096},
+
+16 evenly spaced values from the block's *base* :math:`b = (256 + 15c)/4096` to 1, with
+one base code :math:`c \in \{0, \dots, 255\}` per block (exact in float32). With
+:math:`c = 0`, :math:`b = 1/16` and :math:`v_k = (k + 1)/16`: 16 steps of :math:`A/16`
+from :math:`A/16` to :math:`A`, Li et al.'s and torchao's map for the second moment. A
+block whose smallest :math:`S/A` is :math:`r > 1/16` gets the largest base at most
+:math:`r`, so its codes span only its own range: where every ``S`` of a block lies within
+a factor 2 of its maximum (a quadratic's noise floor, a layer of similar units) the
+codes are :math:`(1 - b)/15 \le 1/30` of :math:`A` apart instead of :math:`1/16`, and
+stochastic rounding adds less noise to an EMA that keeps it for :math:`1/(1 - \rho)`
+steps (at decay 0.999 on the quadratic of the memory benchmark, the final loss moves
+from 1.5% to within 1% of float32 ``S``'s). Blocks that hold small values keep
+:math:`b = 1/16`. The map is finest, relative to ``S``, where ``S`` is largest in its
+block: for the elements whose steps are the shortest and move the loss most. Maps that
+spend their codes evenly in :math:`\log S` (one code per power of two over 15 binades,
+or two over 7.5) stay further from float32 ``S`` in training: on the digits MLP (decay
+0.9 / 0.99, stochastic rounding, blocks of 128, worst of 3 seeds) the final training loss
+differs from float32 ``S``'s by +1.6% / -1.3% with the linear map, -5.0% / -7.8% with two
+codes per power of two and -17% / -19% with one.
 
 **Why zero is not a code.** RMSprop divides by :math:`\sqrt{S}`. A code that represents 0
 rounds every small ``S`` of a block to 0, and the step :math:`g / (\sqrt{S} + \epsilon)`
 of those elements becomes :math:`g / \epsilon` (the *zero-point problem* of Li, Chen and
-Zhu, "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023). Here a value below
-the smallest code is rounded *up* to it, so a positive ``S`` never decodes to 0 and a
-small one only ever shortens its step.
+Zhu, "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023). Here the smallest code is
+at least :math:`A/16` and a value below it is rounded *up* to it, so a positive ``S``
+never decodes to 0 and a small one only ever shortens its step. (A base is never below
+1/16, and never above the block's smallest :math:`S/A`.)
 
 **Scales.** One float32 per block along the last axis, the block's maximum, laid out as
 the 8-bit codes' scales: a row of :math:`n` elements is split into
@@ -30,15 +43,25 @@ capping the block scale): in a column whose values are all small, the codes then
 them instead of rounding them up to a sixteenth of a block maximum set by other columns.
 On the digits MLP this brings the final training loss from 1.5-2% to within 1% of
 float32 ``S``. The scales are exact maxima, so the largest ``S`` of a block (or column)
-decodes exactly and no decoded ``S`` exceeds its scale.
+decodes exactly and no decoded ``S`` exceeds its scale. Beside each block scale, one
+uint8 base code: :math:`c` is the largest code with :math:`b_c` at most the block's
+smallest ``S`` over its maximum (0 if that is below 1/16). With column maxima an
+element's scale may be below its block's, so its :math:`S/A` is at least that ratio: the
+base stays below every code's value, from one reduction that finds the block's maximum
+and minimum together.
 
-**Rounding.** Values are normalized, :math:`x = S/A \in [0, 1]`, :math:`t = 16 x`. To
-nearest: code :math:`\lfloor t - 1/2 \rfloor`, clipped to [0, 15] (thresholds at
-:math:`(k + 3/2)/16`, ties up). Stochastically, with 24 uniform bits :math:`u` per
-element: up to :math:`v_{k+1}` with probability :math:`(x - v_k)/(v_{k+1} - v_k)`, the
-fraction of :math:`t`, and down to :math:`v_k` otherwise, so that
-:math:`\mathbb{E}[\mathrm{decoded}] = S` for every ``S`` between :math:`A/16` and
-:math:`A`; below :math:`A/16`, always up (zero is not a code). Round-to-nearest loses
+**Rounding.** Values are normalized, :math:`x = S/A \in [0, 1]` (exactly 1 where ``S``
+is its scale), and measured in code steps, :math:`t = 15 - (1 - x)\,q_c` with
+:math:`q_c = 4096/(256 - c) = 15/(1 - b)`, each operation rounded to float32 (for
+:math:`c = 0`, :math:`t = 16 x - 1`, exact for :math:`x \ge 1/2`). To nearest: code
+:math:`\lfloor t + 1/2 \rfloor`, clipped to [0, 15] (ties up; for :math:`c = 0` the
+thresholds lie at :math:`(k + 3/2)/16`). Stochastically, with 24 uniform bits :math:`u`
+per element: up to :math:`v_{k+1}` with probability :math:`(x - v_k)/(v_{k+1} - v_k)`,
+the fraction of :math:`t`, and down to :math:`v_k` otherwise, so that
+:math:`\mathbb{E}[\mathrm{decoded}] = S` for every ``S`` between :math:`v_0 A` and
+:math:`A`; below :math:`v_0 A`, always up (zero is not a code). Decoding is
+:math:`v_k A` rounded once, :math:`v_k = 1 - (15 - k)(256 - c)/4096` being exact.
+Round-to-nearest loses
 every change smaller than half a step, which stalls the EMA (at decay 0.99 it ends 23-37%
 away from float32 ``S``): stochastic rounding is the one to train with.
 
@@ -46,8 +69,8 @@ away from float32 ``S``): stochastic rounding is the one to train with.
 ``inf``) and a negative value is treated as 0. An all-zero block has scale 0 and decodes
 to 0 (the initial state of ``initial_scale=0``); a zero in a block with a positive
 maximum decodes to the smallest code (an overestimate, which only shortens the step of an
-element whose gradient has been 0). A block whose scale is below :data:`FLOOR` decodes as
-if its scale were ``FLOOR``, so that no code of a positive block decodes to a subnormal
+element whose gradient has been 0). A block whose scale is below :data:`FLOOR` is encoded and decoded
+as if its scale were ``FLOOR``, so that no code of a positive block decodes to a subnormal
 (flushed to 0). A ``NaN`` makes its block's scale ``NaN`` and every element of the block
 decodes to ``NaN``, as in the 8-bit codes (with column maxima, its column's elements too).
 
@@ -55,11 +78,11 @@ decodes to ``NaN``, as in the 8-bit codes (with column maxima, its column's elem
 multiple of 8: element :math:`8j + i` in bits :math:`4i` to :math:`4i + 3` of word
 :math:`j`. Codes of shape ``(..., n)`` are stored as ``(..., n / 8)`` words: the leading
 axes keep the parameter's shape (and sharding), the last is divided by 8. Memory per
-element: :math:`1/2 + 4/B` bytes with blocks of :math:`B` (0.531 for :math:`B = 128`),
-plus :math:`4/r` with column maxima for :math:`r` rows (0.532 for a 4096 x 4096 matrix).
+element: :math:`1/2 + 5/B` bytes with blocks of :math:`B` (0.539 for :math:`B = 128`),
+plus :math:`4/r` with column maxima for :math:`r` rows (0.540 for a 4096 x 4096 matrix).
 
-**Derivatives.** The codes are integers and carry no derivative; :func:`carry_derivative`
-gives the block scales one (:func:`carry_derivatives` the block scales and the column
+**Derivatives.** The codes and base codes are integers and carry no derivative;
+:func:`carry_derivative` gives the block scales one (:func:`carry_derivatives` the block scales and the column
 maxima, each for the elements that use it), so that ``jax.grad`` through a stored ``S``
 sees the scale follow the values it encodes.
 
@@ -94,37 +117,70 @@ def _i32(x: int) -> jax.Array:
     return jnp.asarray(x, jnp.int32)
 
 
-def code_value(k: jax.Array) -> jax.Array:
+def base_value(c: jax.Array) -> jax.Array:
+    """The bases :math:`b_c = (256 + 15 c)/4096` of base codes ``c`` (uint8), as float32: 1/16 for ``c = 0``."""
+    return (c.astype(jnp.int32) * _i32(15) + _i32(256)).astype(jnp.float32) * jnp.float32(2.0**-12)
+
+
+def base_code(r: jax.Array) -> jax.Array:
+    r"""The largest base code whose base is at most ``max(r, 1/16)`` (uint8; 0 for ``NaN``).
+
+    Args:
+      r: float32, the smallest normalized value :math:`S/A` of each block.
+
+    Returns:
+      uint8 codes ``c`` whose base :math:`b_c` is at most :math:`\max(r, 1/16)`, shaped like ``r``.
+    """
+    c = jnp.clip(jnp.floor((r * jnp.float32(4096) - jnp.float32(256)) / jnp.float32(15)), 0, 255)
+    c = _kernel.where(jnp.isnan(c), jnp.float32(0), c).astype(jnp.int32)
+    c = jnp.maximum(c - (base_value(c) > r).astype(jnp.int32), _i32(0))  # the division may round up
+    return c.astype(jnp.uint8)
+
+
+def _code_steps(c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For base codes ``c``: the code step :math:`(1 - b_c)/15 = (256 - c)/4096` (exact in float32) and the steps
+    per unit, :math:`q_c = 4096/(256 - c)` (rounded once)."""
+    d = (_i32(256) - c.astype(jnp.int32)).astype(jnp.float32)
+    return d * jnp.float32(2.0**-12), jnp.float32(4096) / d
+
+
+def _values(k: jax.Array, step: jax.Array) -> jax.Array:
+    """:math:`v_k = 1 - (15 - k) s` for code steps ``step`` (exact: both terms are multiples of 2**-12)."""
+    return jnp.float32(1) - (_i32(15) - k).astype(jnp.float32) * step
+
+
+def code_value(k: jax.Array, base: jax.Array | int = 0) -> jax.Array:
     """The code values of codes ``k``.
 
     Args:
       k: int32 codes in [0, 15].
+      base: the base codes ``c`` of their blocks (integers in [0, 255], broadcast against ``k``).
 
     Returns:
-      :math:`v_k = (k + 1)/16` as float32, shaped like ``k``.
+      :math:`v_k = b_c + (1 - b_c) k / 15 = (256 + 15 c + (256 - c) k) / 4096` as float32
+      (exact), shaped like ``k``: :math:`(k + 1)/16` for ``c = 0``, and 1 for ``k = 15``.
     """
-    return (k + _i32(1)).astype(jnp.float32) * jnp.float32(1 / 16)
+    return _values(k, _code_steps(jnp.asarray(base))[0])
 
 
-def round_codes(x: jax.Array, bits: jax.Array | None = None) -> jax.Array:
-    """The codes of normalized values, rounded as the module doc describes.
+def round_codes(t: jax.Array, bits: jax.Array | None = None) -> jax.Array:
+    r"""The codes of values measured in code steps above the base, rounded as the module doc describes.
 
     Args:
-      x: float32 values :math:`S/A` in [0, 1]; anything below :math:`v_0 = 1/16` (0
-        included) gets code 0.
-      bits: uniform ``uint32`` bits shaped like ``x`` (their top 24 are used) for stochastic
+      t: float32 :math:`t = 15 - (1 - x)\,q_c` for normalized values :math:`x = S/A`;
+        below 0 (a value under the base) gives code 0.
+      bits: uniform ``uint32`` bits shaped like ``t`` (their top 24 are used) for stochastic
         rounding, or None for round-to-nearest.
 
     Returns:
-      int32 codes in [0, 15], shaped like ``x``.
+      int32 codes in [0, 15], shaped like ``t``.
     """
-    t = x * jnp.float32(16)
     if bits is None:
-        k = jnp.floor(t - jnp.float32(0.5)).astype(jnp.int32)
+        k = jnp.floor(t + jnp.float32(0.5)).astype(jnp.int32)
     else:
         u = (bits >> jnp.uint32(8)).astype(jnp.float32) * jnp.float32(2.0**-24)
         f = jnp.floor(t)
-        k = f.astype(jnp.int32) - _i32(1) + (u < t - f).astype(jnp.int32)
+        k = f.astype(jnp.int32) + (u < t - f).astype(jnp.int32)
     return jnp.clip(k, _i32(0), _i32(15))
 
 
@@ -183,9 +239,9 @@ def columns_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _scale(blocks: jax.Array, columns: jax.Array | None, n: int) -> jax.Array:
-    """Each element's scale: its block's maximum, capped by its column's when columns are kept."""
-    a = _expand(blocks, n)
-    return a if columns is None else jnp.minimum(a, columns[..., None, :])
+    """Each element's effective scale: its block's maximum, capped by its column's when columns are kept."""
+    e = _expand(_effective(blocks), n)
+    return e if columns is None else jnp.minimum(e, _effective(columns)[..., None, :])
 
 
 def encode_words(
@@ -194,8 +250,8 @@ def encode_words(
     bits: jax.Array | None = None,
     columns: bool = False,
     row_axes: tuple[str, ...] = (),
-) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
-    """Encodes ``S`` in 4-bit codes with block scales (and column maxima).
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """Encodes ``S`` in 4-bit codes with block scales and bases (and column maxima).
 
     Args:
       s: ``S``, float (computed in float32), at least 1-d with a last axis that is a multiple
@@ -211,37 +267,51 @@ def encode_words(
         ``-2``): the column maxima are then the whole array's (``jax.lax.pmax``).
 
     Returns:
-      ``(words, scales, column_maxima, decoded)``: the codes packed by :func:`pack_words`;
-      the float32 block maxima, of shape :func:`._quantize.scales_shape`; the float32
-      column maxima, of shape :func:`columns_shape` (None without ``columns``); and the
-      float32 ``S`` that :func:`decode_words` gives back from them.
+      ``(words, scales, bases, column_maxima, decoded)``: the codes packed by
+      :func:`pack_words`; the float32 block maxima and the uint8 base codes, both of shape
+      :func:`._quantize.scales_shape`; the float32 column maxima, of shape
+      :func:`columns_shape` (None without ``columns``); and the float32 ``S`` that
+      :func:`decode_words` gives back from them.
     """
     x = jax.lax.stop_gradient(s).astype(jnp.float32)
     x = _kernel.at_most(_kernel.where(x < jnp.float32(0), jnp.float32(0), x), jnp.float32(F32_MAX))
-    block = _quantize.block_abs_max(x, block_size)
+    nb = _quantize.n_blocks(x.shape[-1], block_size)
+    block, smallest = _quantize.max_min(_quantize.blocked(x, nb, "edge")[0])
     cols = None
     if columns:
         cols = jnp.max(x, axis=-2)
         if row_axes:
             cols = jax.lax.pmax(cols, row_axes)
-    a = _scale(block, cols, x.shape[-1])
-    codes = round_codes(x / _kernel.where(a == jnp.float32(0), jnp.float32(1), a), bits)
-    return pack_words(codes), block, cols, code_value(codes) * _effective(a)
+    n = x.shape[-1]
+    e = _scale(block, cols, n)
+    y = x / _kernel.where(e == jnp.float32(0), jnp.float32(1), e)  # S / A (0 where A is 0)
+    # The base: at most every S / A of the block, from its smallest S over its largest scale (an element's
+    # scale is at most its block's; the division rounds monotonically).
+    eb = _effective(block)
+    low = _kernel.where(eb == jnp.float32(0), jnp.float32(1), smallest / _kernel.where(eb == 0, 1.0, eb))
+    bases = base_code(low)
+    step, per_unit = (_expand(_quantize.once(v, block), n) for v in _code_steps(bases))
+    # t in one pass to memory: the words read it eight to a word, without the per-block arrays
+    t = _quantize.once(jnp.float32(15) - (jnp.float32(1) - y) * per_unit, x)
+    codes = round_codes(t, bits)
+    return pack_words(codes), block, bases, cols, _values(codes, step) * e
 
 
-def decode_words(words: jax.Array, scales: jax.Array, columns: jax.Array | None = None) -> jax.Array:
-    """Decodes :func:`encode_words`'s words and scales.
+def decode_words(words: jax.Array, scales: jax.Array, bases: jax.Array, columns: jax.Array | None = None) -> jax.Array:
+    """Decodes :func:`encode_words`'s words, scales and bases.
 
     Args:
       words: ``uint32`` words of packed codes, with a last axis of ``m``.
       scales: their float32 block scales.
+      bases: their uint8 base codes, shaped like ``scales``.
       columns: their float32 column maxima, or None where none are kept.
 
     Returns:
       ``S`` as float32 with a last axis of ``8 m``: :math:`v_k A` (0 where :math:`A = 0`).
     """
     codes = unpack_words(words)
-    return code_value(codes) * _effective(_scale(scales, columns, codes.shape[-1]))
+    n = codes.shape[-1]
+    return _values(codes, _expand(_code_steps(bases)[0], n)) * _scale(scales, columns, n)
 
 
 @jax.custom_jvp

@@ -196,7 +196,7 @@ def _one(like: jax.Array) -> jax.Array:
     return jnp.minimum(like.astype(jnp.float32), jnp.float32(0)) * jnp.float32(0) + jnp.float32(1)
 
 
-def _once(x: jax.Array, like: jax.Array) -> jax.Array:
+def once(x: jax.Array, like: jax.Array) -> jax.Array:
     """Float32 ``x`` (per block) computed once per block, before :func:`_expand` repeats it.
 
     XLA:CPU fuses cheap per-block arithmetic into the element loop that broadcasts it,
@@ -208,7 +208,7 @@ def _once(x: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def _once_int(x: jax.Array, like: jax.Array) -> jax.Array:
-    """:func:`_once` for a uint32 ``x`` below 2**23, returned as ``x | _TAG``.
+    """:func:`once` for a uint32 ``x`` below 2**23, returned as ``x | _TAG``.
 
     It travels as the low bits of the float32 ``2**23 + x`` (divided exactly). The tag
     stays, so that the element loop reads the array directly: its users shift it out
@@ -241,7 +241,7 @@ def _block_params(fmt: Format, m: jax.Array, n: int, lift: int = 0) -> _Params:
         return _expand(_once_int(jnp.asarray(x, jnp.uint32), m), n)
 
     def floats(x: ArrayLike) -> jax.Array:
-        return _expand(_once(jnp.asarray(x, jnp.float32), m), n)
+        return _expand(once(jnp.asarray(x, jnp.float32), m), n)
 
     return _Params(ints(k.offset), ints(k.shift), floats(k.min_normal), floats(k.base), k.max_code)
 
@@ -369,16 +369,16 @@ def block_abs_max(x: jax.Array, block_size: int) -> jax.Array:
     if b > _CHUNK and b % _CHUNK == 0:
         # Long blocks reduce faster in two stages (chunks of 256, then the chunk maxima):
         # XLA:CPU takes 1.6x longer for one reduction over rows of 2048.
-        top, bottom = _max_min(blocks.reshape(*blocks.shape[:-1], b // _CHUNK, _CHUNK))
+        top, bottom = max_min(blocks.reshape(*blocks.shape[:-1], b // _CHUNK, _CHUNK))
         return jnp.maximum(jnp.max(top, axis=-1), -jnp.min(bottom, axis=-1))
-    top, bottom = _max_min(blocks)
+    top, bottom = max_min(blocks)
     return jnp.maximum(top, -bottom)
 
 
 _CHUNK = 256
 
 
-def _max_min(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def max_min(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The maximum and the minimum along the last axis, in one variadic reduction."""
     if jnp.issubdtype(x.dtype, jnp.integer):
         info = jnp.iinfo(x.dtype)
@@ -401,7 +401,7 @@ def decoded_block_range(codes: jax.Array, scales: jax.Array, fmt: Format) -> tup
     For the signed map the smallest is not computed (zeros): only ``S``'s blocks use it.
     """
     blocks, _, _ = blocked(codes, scales.shape[-1], mode="edge")
-    top, bottom = _max_min(blocks)
+    top, bottom = max_min(blocks)
     if fmt.signed:
         top = jnp.maximum(top.astype(jnp.int32), -bottom.astype(jnp.int32)).astype(jnp.int8)
         return decode_codes(top, fmt) * _factor(scales, fmt), jnp.zeros(scales.shape, jnp.float32)
@@ -569,8 +569,8 @@ def ema_step(
     m = choose_widths(upper, lower)
     stored = _store_widths(upper, m)
     inv = _unsigned_multiplier(stored, m)
-    alpha = _once(jnp.asarray(decay, jnp.float32) * _factor(a_old, fmt, m_old) * inv, m)
-    beta = _expand(_once(jnp.asarray(one_minus_decay, jnp.float32) * inv, m), n)
+    alpha = once(jnp.asarray(decay, jnp.float32) * _factor(a_old, fmt, m_old) * inv, m)
+    beta = _expand(once(jnp.asarray(one_minus_decay, jnp.float32) * inv, m), n)
     if jnp.iscomplexobj(g):
         re, im = g.real.astype(jnp.float32), g.imag.astype(jnp.float32)
         y = _expand(alpha, n) * old + ((beta * re) * re + (beta * im) * im)
@@ -627,7 +627,7 @@ def dequantize(codes: jax.Array, scales: jax.Array, fmt: Format) -> jax.Array:
     if fmt.signed:
         return decode_codes(codes, fmt) * _expand(_factor(scales, fmt), n)
     a, m = split_scales(scales)
-    return decode_codes(codes, fmt, _block_params(fmt, m, n)) * _expand(_once(_factor(a, fmt, m), m), n)
+    return decode_codes(codes, fmt, _block_params(fmt, m, n)) * _expand(once(_factor(a, fmt, m), m), n)
 
 
 def _per_width(m: jax.Array, value: Callable[[int], float]) -> jax.Array:

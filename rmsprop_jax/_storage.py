@@ -4,7 +4,7 @@ How each leaf of a buffer is stored is a codec's business (:mod:`._codecs`); thi
 holds the layout they share. The state NamedTuples keep their fields (a checkpoint of
 the default layout still loads). A field is a plain tree like the parameters, or a
 :class:`StoredBuffer` exactly when it needs more than the values: an ``aux`` tree (8-bit
-block scales, factored column statistics; a 0-d float32 placeholder for leaves stored as
+and 4-bit block scales, factored column statistics; a 0-d float32 placeholder for leaves stored as
 plain floats) or a ``key`` (stochastic rounding, in ``nu`` only). The structure is fixed
 by the configuration and the parameter tree. In the code, one leaf of a field is a
 :class:`Leaf`; :func:`~rmsprop_jax.decode_state` (:mod:`._decode`) reads a state back
@@ -29,8 +29,10 @@ class StoredBuffer(NamedTuple):
 
     Attributes:
       values: a tree like the parameters: float arrays, 8-bit codes (uint8 for ``S``,
-        int8 for signed buffers), or for factored ``S`` the row statistics.
-      aux: a tree like the parameters with the block scales of 8-bit leaves, the column
+        int8 for signed buffers), 4-bit codes of ``S`` packed eight per ``uint32``, or for
+        factored ``S`` the row statistics.
+      aux: a tree like the parameters with the block scales of 8-bit leaves, for 4-bit
+        leaves the tuple (block scales, uint8 base codes[, column maxima]), the column
         statistics of factored leaves, and 0-d float32 placeholders elsewhere; or
         ``optax.EmptyState()`` when no leaf needs any.
       key: the stochastic-rounding key, uint32 of shape ``(2,)`` (in ``nu`` only), or
@@ -52,13 +54,13 @@ class Leaf(NamedTuple):
 
     values: jax.Array  # floats, codes, or factored S's row statistics
     aux: jax.Array | None  # block scales, factored S's column statistics, a 0-d placeholder; None without an aux tree
-    # the column maxima of 4-bit S of a matrix with 32 rows or more, kept in the aux tree as the pair (aux, columns)
-    columns: jax.Array | None = None
+    # a codec's further arrays (4-bit S: block bases, and column maxima), kept in the aux tree as (aux, *extra)
+    extra: tuple[jax.Array, ...] = ()
 
 
 def leaf_of(values: jax.Array, aux: Any) -> Leaf:
-    """A stored leaf from its values and its entry of the aux tree (a pair where it keeps column maxima)."""
-    return Leaf(values, aux[0], aux[1]) if isinstance(aux, tuple) else Leaf(values, aux)
+    """A stored leaf from its values and its entry of the aux tree (a tuple where the codec keeps more arrays)."""
+    return Leaf(values, aux[0], tuple(aux[1:])) if isinstance(aux, tuple) else Leaf(values, aux)
 
 
 def leaves(buffer: Any) -> list[Leaf]:
@@ -67,7 +69,7 @@ def leaves(buffer: Any) -> list[Leaf]:
         values = jax.tree.leaves(buffer.values)
         if isinstance(buffer.aux, optax.EmptyState):
             return [Leaf(v, None) for v in values]
-        aux = jax.tree.structure(buffer.values).flatten_up_to(buffer.aux)  # a pair per 4-bit leaf with columns
+        aux = jax.tree.structure(buffer.values).flatten_up_to(buffer.aux)  # a tuple per 4-bit leaf
         return [leaf_of(v, a) for v, a in zip(values, aux, strict=True)]
     return [Leaf(v, None) for v in jax.tree.leaves(buffer)]
 
@@ -88,7 +90,7 @@ def pack(treedef: Any, new: list[Leaf], with_aux: bool, key: jax.Array | None) -
     values = jax.tree.unflatten(treedef, [leaf.values for leaf in new])
     if not with_aux and key is None:
         return values
-    entries = [leaf.aux if leaf.columns is None else (leaf.aux, leaf.columns) for leaf in new]
+    entries = [(leaf.aux, *leaf.extra) if leaf.extra else leaf.aux for leaf in new]
     aux = jax.tree.unflatten(treedef, entries) if with_aux else optax.EmptyState()
     return StoredBuffer(values, aux, optax.EmptyState() if key is None else key)
 

@@ -20,8 +20,8 @@ class ScaleByRmsState(NamedTuple):
         With ``stochastic_rounding``, ``state_dtype="int8"`` or ``"int4"``, or
         ``factored``, a ``StoredBuffer`` whose ``values`` hold that tree (16-bit, 8-bit
         codes, 4-bit codes packed eight per ``uint32``, or row statistics), ``aux``
-        the block scales or column statistics and ``key`` the
-        rounding key; ``rmsprop_jax.decode_state`` gives the plain tree.
+        the block scales (4-bit: with base codes and column maxima) or column statistics
+        and ``key`` the rounding key; ``rmsprop_jax.decode_state`` gives the plain tree.
       mu: the EMA of g when ``centered=True``; otherwise ``optax.EmptyState()``,
         which holds no arrays. A ``StoredBuffer`` with ``state_dtype="int8"`` or
         ``"int4"`` (8-bit codes).
@@ -90,10 +90,13 @@ def scale_by_rms(
     momentum buffer use a signed map. The scale of a block of ``S`` is
     :math:`\rho A + (1-\rho) M^2`, with :math:`A` its largest stored value and :math:`M`
     its largest gradient, a bound of the new maximum that costs no second pass.
-    ``state_dtype="int4"`` stores ``S`` in 4 bits: 16 codes :math:`(k + 1) A / 16` of
-    :math:`A`, the block's largest value (blocks of 128) or, in a matrix of 32 rows or
-    more, its column's if smaller; rounded stochastically; 0 is not a code, so a small
-    ``S`` is rounded up (a shorter step), never to 0 (a step of :math:`g / \epsilon`).
+    ``state_dtype="int4"`` stores ``S`` in 4 bits: 16 codes
+    :math:`(b + (1 - b) k / 15) A` of :math:`A`, the block's largest value (blocks of 128)
+    or, in a matrix of 32 rows or more, its column's if smaller, with a base
+    :math:`b \ge 1/16` per block at most its smallest ``S`` over :math:`A` (the codes of a
+    block of similar values are finer); rounded stochastically; 0 is not a code, so a
+    small ``S`` is rounded up (a shorter step), never to 0 (a step of
+    :math:`g / \epsilon`).
     ``m`` and the momentum buffer keep 8-bit codes. ``factored`` stores :math:`n + m`
     numbers per :math:`n \times m` matrix. Then ``nu`` (and with 8 bits ``mu``) is a
     :class:`~rmsprop_jax.StoredBuffer`;
