@@ -27,10 +27,10 @@ codes per power of two and -17% / -19% with one.
 **Why zero is not a code.** RMSprop divides by :math:`\sqrt{S}`. A code that represents 0
 rounds every small ``S`` of a block to 0, and the step :math:`g / (\sqrt{S} + \epsilon)`
 of those elements becomes :math:`g / \epsilon` (the *zero-point problem* of Li, Chen and
-Zhu, "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023). Here the smallest code is
-at least :math:`A/16` and a value below it is rounded *up* to it, so a positive ``S``
-never decodes to 0 and a small one only ever shortens its step. (A base is never below
-1/16, and never above the block's smallest :math:`S/A`.)
+Zhu, "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023). Here the smallest
+code is at least :math:`A/16` (a base is never below 1/16) and a value below it is rounded
+*up* to it, so a positive ``S`` never decodes to 0 and a small one only ever shortens its
+step.
 
 **Scales.** One float32 per block along the last axis, the block's maximum, laid out as
 the 8-bit codes' scales: a row of :math:`n` elements is split into
@@ -61,17 +61,17 @@ the fraction of :math:`t`, and down to :math:`v_k` otherwise, so that
 :math:`\mathbb{E}[\mathrm{decoded}] = S` for every ``S`` between :math:`v_0 A` and
 :math:`A`; below :math:`v_0 A`, always up (zero is not a code). Decoding is
 :math:`v_k A` rounded once, :math:`v_k = 1 - (15 - k)(256 - c)/4096` being exact.
-Round-to-nearest loses
-every change smaller than half a step, which stalls the EMA (at decay 0.99 it ends 23-37%
-away from float32 ``S``): stochastic rounding is the one to train with.
+Round-to-nearest loses every change smaller than half a step, which stalls the EMA (at
+decay 0.99 it ends 23-37% away from float32 ``S``): stochastic rounding is the one to
+train with.
 
 **Special values.** ``S`` is saturated at the float32 maximum before encoding (never
 ``inf``) and a negative value is treated as 0. An all-zero block has scale 0 and decodes
 to 0 (the initial state of ``initial_scale=0``); a zero in a block with a positive
 maximum decodes to the smallest code (an overestimate, which only shortens the step of an
-element whose gradient has been 0). A block whose scale is below :data:`FLOOR` is encoded and decoded
-as if its scale were ``FLOOR``, so that no code of a positive block decodes to a subnormal
-(flushed to 0). A ``NaN`` makes its block's scale ``NaN`` and every element of the block
+element whose gradient has been 0). A block whose scale is below :data:`FLOOR` is encoded
+and decoded as if its scale were ``FLOOR``, so that no code of a positive block decodes to
+a subnormal (flushed to 0). A ``NaN`` makes its block's scale ``NaN`` and every element of the block
 decodes to ``NaN``, as in the 8-bit codes (with column maxima, its column's elements too).
 
 **Packing.** Eight codes per ``uint32`` word along the last axis, which must be a
@@ -82,9 +82,9 @@ element: :math:`1/2 + 5/B` bytes with blocks of :math:`B` (0.539 for :math:`B = 
 plus :math:`4/r` with column maxima for :math:`r` rows (0.540 for a 4096 x 4096 matrix).
 
 **Derivatives.** The codes and base codes are integers and carry no derivative;
-:func:`carry_derivative` gives the block scales one (:func:`carry_derivatives` the block scales and the column
-maxima, each for the elements that use it), so that ``jax.grad`` through a stored ``S``
-sees the scale follow the values it encodes.
+:func:`carry_derivative` gives the block scales one (:func:`carry_derivatives` the block
+scales and the column maxima, each for the elements that use it), so that ``jax.grad``
+through a stored ``S`` sees the scale follow the values it encodes.
 
 Encoding and decoding are elementwise float32 arithmetic, shifts and masks (no
 logarithm, search or table lookup).
