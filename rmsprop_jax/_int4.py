@@ -215,14 +215,6 @@ def unpack_words(words: jax.Array) -> jax.Array:
     return codes.reshape(*words.shape[:-1], PER_WORD * words.shape[-1]).astype(jnp.int32)
 
 
-def _expand(block: jax.Array, n: int) -> jax.Array:
-    """Block scales repeated over their elements, for rows of length ``n``."""
-    nb = block.shape[-1]
-    b = _quantize.block_length(n, nb)
-    out = jnp.broadcast_to(block[..., None], (*block.shape, b)).reshape(*block.shape[:-1], nb * b)
-    return out if out.shape[-1] == n else out[..., :n]
-
-
 def _effective(a: jax.Array) -> jax.Array:
     """The scale a code multiplies: 0 for an all-zero block, at least :data:`FLOOR` otherwise."""
     return _kernel.where(a == jnp.float32(0), jnp.float32(0), jnp.maximum(a, jnp.float32(FLOOR)))
@@ -240,7 +232,7 @@ def columns_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _scale(blocks: jax.Array, columns: jax.Array | None, n: int) -> jax.Array:
     """Each element's effective scale: its block's maximum, capped by its column's when columns are kept."""
-    e = _expand(_effective(blocks), n)
+    e = _quantize.expand(_effective(blocks), n)
     return e if columns is None else jnp.minimum(e, _effective(columns)[..., None, :])
 
 
@@ -290,7 +282,7 @@ def encode_words(
     eb = _effective(block)
     low = _kernel.where(eb == jnp.float32(0), jnp.float32(1), smallest / _kernel.where(eb == 0, 1.0, eb))
     bases = base_code(low)
-    step, per_unit = (_expand(_quantize.once(v, block), n) for v in _code_steps(bases))
+    step, per_unit = (_quantize.expand(_quantize.once(v, block), n) for v in _code_steps(bases))
     # t in one pass to memory: the words read it eight to a word, without the per-block arrays
     t = _quantize.once(jnp.float32(15) - (jnp.float32(1) - y) * per_unit, x)
     codes = round_codes(t, bits)
@@ -311,7 +303,7 @@ def decode_words(words: jax.Array, scales: jax.Array, bases: jax.Array, columns:
     """
     codes = unpack_words(words)
     n = codes.shape[-1]
-    return _values(codes, _expand(_code_steps(bases)[0], n)) * _scale(scales, columns, n)
+    return _values(codes, _quantize.expand(_code_steps(bases)[0], n)) * _scale(scales, columns, n)
 
 
 @jax.custom_jvp
@@ -383,7 +375,7 @@ def _carry_derivatives_jvp(
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
     scales, columns, _, decoded = primals
     dx = tangents[2].astype(jnp.float32)
-    by_column = columns[..., None, :] < _expand(scales, decoded.shape[-1])
+    by_column = columns[..., None, :] < _quantize.expand(scales, decoded.shape[-1])
     zero = jnp.zeros_like(decoded)
     d_scales = _block_fit(scales, _kernel.where(by_column, zero, decoded), dx)
     c = _kernel.where(by_column, decoded, zero)

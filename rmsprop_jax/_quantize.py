@@ -197,7 +197,7 @@ def _one(like: jax.Array) -> jax.Array:
 
 
 def once(x: jax.Array, like: jax.Array) -> jax.Array:
-    """Float32 ``x`` (per block) computed once per block, before :func:`_expand` repeats it.
+    """Float32 ``x`` (per block) computed once per block, before :func:`expand` repeats it.
 
     XLA:CPU fuses cheap per-block arithmetic into the element loop that broadcasts it,
     and redoes it there. A float division by a value it cannot fold (1, at run time, from
@@ -221,7 +221,7 @@ def _once_int(x: jax.Array, like: jax.Array) -> jax.Array:
 _TAG = 0x4B000000  # the bit pattern of the float32 2**23: its 23 low bits hold an integer exactly
 
 
-def _expand(x: jax.Array, n: int) -> jax.Array:
+def expand(x: jax.Array, n: int) -> jax.Array:
     """Per-block values repeated over their blocks' elements, for rows of length ``n``.
 
     The element-wise work then runs on the unpadded layout of the values themselves (the
@@ -238,10 +238,10 @@ def _block_params(fmt: Format, m: jax.Array, n: int, lift: int = 0) -> _Params:
     k = _params(fmt, m, lift)
 
     def ints(x: ArrayLike) -> jax.Array:
-        return _expand(_once_int(jnp.asarray(x, jnp.uint32), m), n)
+        return expand(_once_int(jnp.asarray(x, jnp.uint32), m), n)
 
     def floats(x: ArrayLike) -> jax.Array:
-        return _expand(once(jnp.asarray(x, jnp.float32), m), n)
+        return expand(once(jnp.asarray(x, jnp.float32), m), n)
 
     return _Params(ints(k.offset), ints(k.shift), floats(k.min_normal), floats(k.base), k.max_code)
 
@@ -509,11 +509,11 @@ def quantize(
         # TOP / scale is subnormal (flushed to 0 by XLA) for scale > 1.6e38: pre-scale such blocks by 2**-64.
         pre = _kernel.where(a > jnp.float32(2.0**64), jnp.float32(2.0**-64), jnp.float32(1.0))
         inv = _top(fmt, m) / jnp.maximum(a * pre, _tiny())
-        codes = encode_values((xf * _expand(pre, n)) * _expand(inv, n), fmt, bits)
+        codes = encode_values((xf * expand(pre, n)) * expand(inv, n), fmt, bits)
         return codes, scale
     inv = _unsigned_multiplier(scale, m)
     k = None if m is None else _block_params(fmt, m, n, _LIFT)
-    codes = encode_values(jnp.abs(xf) * _expand(inv, n), fmt, bits, xf > 0, k, lift=_LIFT)
+    codes = encode_values(jnp.abs(xf) * expand(inv, n), fmt, bits, xf > 0, k, lift=_LIFT)
     return codes, scale
 
 
@@ -570,14 +570,14 @@ def ema_step(
     stored = _store_widths(upper, m)
     inv = _unsigned_multiplier(stored, m)
     alpha = once(jnp.asarray(decay, jnp.float32) * _factor(a_old, fmt, m_old) * inv, m)
-    beta = _expand(once(jnp.asarray(one_minus_decay, jnp.float32) * inv, m), n)
+    beta = expand(once(jnp.asarray(one_minus_decay, jnp.float32) * inv, m), n)
     if jnp.iscomplexobj(g):
         re, im = g.real.astype(jnp.float32), g.imag.astype(jnp.float32)
-        y = _expand(alpha, n) * old + ((beta * re) * re + (beta * im) * im)
+        y = expand(alpha, n) * old + ((beta * re) * re + (beta * im) * im)
         raw = jax.lax.bitcast_convert_type(re, jnp.uint32) ^ (jax.lax.bitcast_convert_type(im, jnp.uint32) >> _u32(1))
     else:
         gf = g.astype(jnp.float32)
-        y = _expand(alpha, n) * old + (beta * gf) * gf
+        y = expand(alpha, n) * old + (beta * gf) * gf
         raw = jax.lax.bitcast_convert_type(gf, jnp.uint32)
     bits = None
     if seed is not None:
@@ -625,9 +625,9 @@ def dequantize(codes: jax.Array, scales: jax.Array, fmt: Format) -> jax.Array:
     """
     n = codes.shape[-1]
     if fmt.signed:
-        return decode_codes(codes, fmt) * _expand(_factor(scales, fmt), n)
+        return decode_codes(codes, fmt) * expand(_factor(scales, fmt), n)
     a, m = split_scales(scales)
-    return decode_codes(codes, fmt, _block_params(fmt, m, n)) * _expand(once(_factor(a, fmt, m), m), n)
+    return decode_codes(codes, fmt, _block_params(fmt, m, n)) * expand(once(_factor(a, fmt, m), m), n)
 
 
 def _per_width(m: jax.Array, value: Callable[[int], float]) -> jax.Array:
